@@ -1,0 +1,1 @@
+"""qwenvl-ms: fine-tune Qwen vision-language models with MindSpore."""

