@@ -14,10 +14,14 @@ if [[ ! -x "$venv/bin/python" ]]; then
   "$python" -m venv "$venv"
 fi
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-  echo "[install] installing requirements into $venv" >&2
-  "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
+  echo "[install] installing requirements into $venv (log: $venv/install.log)" >&2
   # --no-deps: requirements.txt is the full closure; this keeps the torch wheel out (see its header).
-  "$venv/bin/python" -m pip install --quiet --no-deps -r "$root/requirements.txt" >&2
+  if ! { "$venv/bin/python" -m pip install --upgrade pip \
+         && "$venv/bin/python" -m pip install --no-deps -r "$root/requirements.txt"; } >"$venv/install.log" 2>&1; then
+    tail -n 40 "$venv/install.log" >&2
+    echo "[install] failed; full log in $venv/install.log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 else
   echo "[install] reusing $venv (requirements unchanged)" >&2
