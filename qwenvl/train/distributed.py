@@ -1,0 +1,92 @@
+"""Data parallelism: process-group start under `msrun`, fused collectives, and per-rank data shards.
+
+`msrun` starts every worker with `MS_ROLE=MS_WORKER` and `MS_WORKER_NUM` (plus `RANK_ID`/`RANK_SIZE`);
+only then is `mindspore.communication.init()` called, so a plain `python` launch is a world of one and
+needs no process group (upstream's `torch.distributed.get_rank()` fails there). The collectives are the
+MindSpore ops, which run on CPU (MCCL) and Ascend (HCCL) alike; call `ms.set_device` before
+`init_distributed` so the right backend is picked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+
+_STARTED: "DataParallel | None" = None
+
+
+def launched_by_msrun() -> bool:
+    """True inside a worker process that msrun started."""
+    return os.environ.get("MS_ROLE") == "MS_WORKER" and "MS_WORKER_NUM" in os.environ
+
+
+def init_distributed() -> "DataParallel":
+    """Start the process group once when launched by msrun; otherwise a single-process world."""
+    global _STARTED
+    if _STARTED is None:
+        if launched_by_msrun():
+            from mindspore.communication import get_group_size, get_rank, init
+
+            init()
+            _STARTED = DataParallel(rank=get_rank(), world_size=get_group_size())
+        else:
+            _STARTED = DataParallel()
+    return _STARTED
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place in the data-parallel world and the collectives the trainer needs.
+
+    A `DataParallel(rank=r, world_size=w)` built by hand never touches the network unless a collective
+    is called, which lets tests simulate ranks in one process.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> "DataParallel":
+        return init_distributed()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Element-wise sums over ranks, fused into one float32 collective (one launch, not one per tensor)."""
+        if self.world_size == 1:
+            return list(tensors)
+        flat = ops.cat([ops.cast(t, ms.float32).reshape(-1) for t in tensors])
+        summed = ops.AllReduce()(flat)
+        sizes = [int(np.prod(t.shape)) for t in tensors]
+        pieces = ops.split(summed, sizes)
+        return [ops.cast(p.reshape(t.shape), t.dtype) for p, t in zip(pieces, tensors)]
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Concatenation along dim 0 of every rank's tensor (equal shapes), in rank order."""
+        if self.world_size == 1:
+            return tensor
+        return ops.AllGather()(tensor)
+
+
+def shard_indices(n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """This rank's sample indices for one epoch, like torch's DistributedSampler (drop_last=False).
+
+    One permutation seeded by `seed + epoch` is shared by all ranks; it is padded by wrapping around to
+    a multiple of `world` (so a few samples appear twice per epoch when n % world != 0), and rank r takes
+    every world-th index from r: shards are disjoint and together cover every sample.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    order = np.random.default_rng(seed + epoch).permutation(n) if shuffle else np.arange(n)
+    total = -(-n // world) * world
+    padded = np.resize(order, total)
+    return padded[rank:total:world].astype(np.int64)

@@ -1,0 +1,193 @@
+"""One optimizer step over a global batch: accumulation, data-parallel reduction, clipping, loss scaling.
+
+Loss normalisation is by tokens over the whole global batch: each micro-batch contributes its summed
+token cross-entropy and its supervised-token count; sums (and gradients of sums) are all-reduced over
+ranks and divided once by the global token count. k micro-batches of one sample, or w ranks with k/w
+each, are therefore the same update as one batch of k on one device (HF's `num_items_in_batch` rule).
+
+fp16 uses dynamic loss scaling with `torch.amp.GradScaler`'s defaults (2**16 start, halve on overflow
+and skip the step, double after 2000 clean steps). Any step whose loss or gradient norm is not finite
+is skipped and counted; the optimizer's step count (and so bias correction) does not advance.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from qwenvl.train.distributed import DataParallel
+from qwenvl.train.optimizer import AdamW
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and MindSpore so two runs with one seed are identical."""
+    random.seed(seed)
+    np.random.seed(seed)
+    ms.set_seed(seed)
+
+
+@dataclass
+class StepMetrics:
+    loss: float  # mean token loss over the global batch
+    grad_norm: float  # global gradient norm before clipping (nan when not computed)
+    n_tokens: int  # supervised tokens in the global batch
+    skipped: bool
+    loss_scale: float  # the scale the next step uses (1.0 without fp16)
+    skip_reason: str | None = None
+
+
+class DynamicLossScale:
+    """fp16 loss scale: halved on overflow, doubled after `growth_interval` finite steps in a row."""
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:
+        self.scale = float(init_scale)
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def update(self, finite: bool) -> None:
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+
+class _ScaledLoss(nn.Cell):
+    """(loss_sum * scale, loss_sum, n_tokens): the first output is differentiated, the rest are aux."""
+
+    def __init__(self, model: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, scale, *inputs):
+        loss_sum, n_tokens = self.model(*inputs)
+        return loss_sum * scale, loss_sum, n_tokens
+
+
+_add = ops.MultitypeFuncGraph("add")
+
+
+@_add.register("Tensor", "Tensor")
+def _add_tensors(a, b):
+    return a + b
+
+
+_square_sum = ops.MultitypeFuncGraph("square_sum")
+
+
+@_square_sum.register("Tensor")
+def _square_sum_tensor(g):
+    return (g * g).sum()
+
+
+@ms.jit
+def _accumulate(acc, grads):
+    return ops.HyperMap()(_add, acc, grads)
+
+
+class _GradFinisher(nn.Cell):
+    """Unscale/normalise the summed gradients, then torch-style global-norm clipping (pre-clip norm out)."""
+
+    def __init__(self, max_norm: float) -> None:
+        super().__init__()
+        self.max_norm = float(max_norm)
+        self.hyper_map = ops.HyperMap()
+
+    @ms.jit
+    def construct(self, grads, factor):
+        grads = self.hyper_map(ops.partial(ops.mul, factor), grads)
+        norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
+        if self.max_norm > 0:
+            coef = ops.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+            grads = self.hyper_map(ops.partial(ops.mul, coef), grads)
+        return grads, norm
+
+
+class TrainStep:
+    """`run(micro_batches, lr_factor)` performs one optimizer step on this rank's share of a global batch.
+
+    `micro_batches` are `model.prepare_inputs(...)` dicts; every rank must pass the same number of them.
+    """
+
+    def __init__(self, model: nn.Cell, optimizer: AdamW, args, dp: DataParallel | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.dp = dp or DataParallel()
+        self.loss_scale = DynamicLossScale() if getattr(args, "fp16", False) else None
+        self.skipped_steps = 0
+        self._input_names = list(inspect.signature(model.construct).parameters)
+        grad_fn = ms.value_and_grad(_ScaledLoss(model), None, optimizer.parameters, has_aux=True)
+        self._forward_backward = ms.jit(grad_fn)
+        self._finish = _GradFinisher(args.max_grad_norm)
+
+    def _positional(self, inputs: dict[str, Tensor]) -> list[Tensor | None]:
+        unknown = set(inputs) - set(self._input_names)
+        if unknown:
+            raise ValueError(f"model.construct takes no input(s) {sorted(unknown)}")
+        last = max(self._input_names.index(name) for name in inputs)
+        return [inputs.get(name) for name in self._input_names[: last + 1]]
+
+    def forward_backward(self, inputs: dict[str, Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """(loss_sum, n_tokens, grads of scale * loss_sum) for one micro-batch, compiled."""
+        (_, loss_sum, n_tokens), grads = self._forward_backward(Tensor(scale, ms.float32), *self._positional(inputs))
+        return loss_sum, n_tokens, grads
+
+    def run(self, micro_batches: Sequence[dict[str, Tensor]], lr_factor: float) -> StepMetrics:
+        if not micro_batches:
+            raise ValueError("a step needs at least one micro-batch")
+        scale = self.loss_scale.scale if self.loss_scale else 1.0
+        grads, losses, counts = None, [], []
+        for inputs in micro_batches:
+            loss_sum, n_tokens, micro_grads = self.forward_backward(inputs, scale)
+            grads = micro_grads if grads is None else _accumulate(ms.mutable(grads), ms.mutable(micro_grads))
+            losses.append(loss_sum)
+            counts.append(n_tokens)
+        *grads, loss_sum, n_tokens = self.dp.all_reduce_sum([*grads, ops.addn(losses), ops.addn(counts)])
+        n_tokens, loss_sum = float(n_tokens), float(loss_sum)
+        if n_tokens == 0:
+            return self._skip("no supervised tokens in the global batch", math.nan, math.nan, 0)
+        grads, norm = self._finish(ms.mutable(tuple(grads)), Tensor(1.0 / (n_tokens * scale), ms.float32))
+        loss, norm = loss_sum / n_tokens, float(norm)
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if self.loss_scale:
+            self.loss_scale.update(finite)
+        if not finite:
+            reason = "fp16 overflow" if self.loss_scale else "non-finite loss or gradient"
+            return self._skip(reason, loss, norm, int(n_tokens))
+        self.optimizer.step(grads, lr_factor)
+        return StepMetrics(loss, norm, int(n_tokens), False, self._current_scale())
+
+    def _current_scale(self) -> float:
+        return self.loss_scale.scale if self.loss_scale else 1.0
+
+    def _skip(self, reason: str, loss: float, norm: float, n_tokens: int) -> StepMetrics:
+        self.skipped_steps += 1
+        return StepMetrics(loss, norm, n_tokens, True, self._current_scale(), reason)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Optimizer moments and step, loss-scale state and the skipped-step count, as numpy arrays."""
+        state = self.optimizer.state_dict()
+        state["skipped_steps"] = np.asarray(self.skipped_steps, np.int64)
+        if self.loss_scale:
+            state["loss_scale"] = np.asarray(self.loss_scale.scale, np.float64)
+            state["loss_scale_good_steps"] = np.asarray(self.loss_scale.good_steps, np.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.optimizer.load_state_dict(state)
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.loss_scale and "loss_scale" in state:
+            self.loss_scale.scale = float(state["loss_scale"])
+            self.loss_scale.good_steps = int(state["loss_scale_good_steps"])
