@@ -1,0 +1,342 @@
+"""Building blocks shared by the native Qwen-VL models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+
+Cells keep float32 master parameters in torch layouts (Linear weight (out, in)) and compute in the dtype
+of their input, so the model picks the compute dtype once by casting its embeddings. Softmax, norms and the
+loss run in float32. Each Ascend fused kernel sits behind one small selector function with a plain path
+computing the same thing, which is what CPU runs and tests exercise.
+
+The second half holds host-side (numpy) helpers for `prepare_inputs`: everything data-dependent (masks,
+gather indices, vision rotary ids) is computed there so the compiled graph has no data-dependent control flow.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
+
+from qwenvl.constants import IGNORE_INDEX
+
+NEG_INF = -1e9
+DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
+
+
+def on_ascend() -> bool:
+    """True when the fused Ascend kernels can be used (read at graph-build time)."""
+    return ms.get_context("device_target") == "Ascend"
+
+
+def zeros_parameter(*shape: int) -> Parameter:
+    """A float32 parameter allocated lazily, filled later by `init_parameters` or a checkpoint."""
+    return Parameter(initializer("zeros", shape, ms.float32))
+
+
+def ones_parameter(*shape: int) -> Parameter:
+    return Parameter(initializer("ones", shape, ms.float32))
+
+
+# ----------------------------------------------------------------------------------------------- cells
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b with torch's (out, in) weight layout, in the input's dtype."""
+
+    NORMAL_INIT = ("weight",)
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = zeros_parameter(d_out, d_in)
+        self.bias = zeros_parameter(d_out) if bias else None
+
+    def construct(self, x):
+        y = ops.matmul(x, ops.cast(self.weight, x.dtype).swapaxes(0, 1))
+        if self.bias is not None:
+            y = y + ops.cast(self.bias, x.dtype)
+        return y
+
+
+class Embedding(nn.Cell):
+    """Row lookup of a (vocab, dim) float32 table; the caller casts to the compute dtype."""
+
+    NORMAL_INIT = ("weight",)
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.weight = zeros_parameter(vocab, dim)
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
+
+
+def rms_norm(x, weight, eps: float):
+    """weight * (x / rms(x)) computed in float32, returned in x's dtype (HF Qwen2RMSNorm rounding)."""
+    dtype = x.dtype
+    if on_ascend():
+        return ops.rms_norm(x, ops.cast(weight, dtype), eps)[0]
+    h = ops.cast(x, ms.float32)
+    h = h * ops.rsqrt((h * h).mean(-1, keep_dims=True) + eps)
+    return ops.cast(weight, dtype) * ops.cast(h, dtype)
+
+
+class RMSNorm(nn.Cell):
+    """Qwen2/Qwen3 RMSNorm (class name must not contain "LayerNorm": weight-decay grouping reads it)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = ones_parameter(dim)
+        self.eps = float(eps)
+
+    def construct(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.Cell):
+    """torch.nn.LayerNorm in float32, output in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = ones_parameter(dim)
+        self.bias = zeros_parameter(dim)
+        self.eps = float(eps)
+
+    def construct(self, x):
+        h = ops.cast(x, ms.float32)
+        mean = h.mean(-1, keep_dims=True)
+        var = ((h - mean) ** 2).mean(-1, keep_dims=True)
+        h = (h - mean) * ops.rsqrt(var + self.eps) * self.weight + self.bias
+        return ops.cast(h, x.dtype)
+
+
+def quick_gelu(x):
+    return x * ops.sigmoid(1.702 * x)
+
+
+def gelu_exact(x):
+    return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + ops.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "silu": ops.silu,
+    "quick_gelu": quick_gelu,
+    "gelu": gelu_exact,
+    "gelu_pytorch_tanh": gelu_tanh,
+}
+
+
+def activation(name: str) -> Callable:
+    """HF ACT2FN equivalent for the activations the Qwen-VL configs use."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# -------------------------------------------------------------------------------------- rotary embeddings
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return ops.cat((-x[..., half:], x[..., :half]), -1)
+
+
+def apply_rotary(x, cos, sin):
+    """x * cos + rotate_half(x) * sin in float32 (cos/sin broadcast to x), returned in x's dtype."""
+    h = ops.cast(x, ms.float32)
+    return ops.cast(h * cos + rotate_half(h) * sin, x.dtype)
+
+
+def inv_freq(dim: int, theta: float) -> np.ndarray:
+    """Default RoPE inverse frequencies 1 / theta^(2i/dim), float32 as HF computes them."""
+    return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+
+
+def mrope_selector(mrope_section: Sequence[int], half: int, interleaved: bool = False) -> np.ndarray:
+    """(3, half) one-hot: which of the (t, h, w) position rows drives each frequency channel.
+
+    Chunked (Qwen2/2.5-VL): channels [0, s0) use t, [s0, s0+s1) use h, the rest w.
+    Interleaved (Qwen3-VL): channel j uses h if j % 3 == 1 and j < 3*s1, w if j % 3 == 2 and j < 3*s2, else t.
+    """
+    owner = np.zeros(half, np.int64)
+    if interleaved:
+        for row, offset in ((1, 1), (2, 2)):
+            owner[offset : mrope_section[row] * 3 : 3] = row
+    else:
+        bounds = np.cumsum(mrope_section)
+        owner = np.searchsorted(bounds, np.arange(half), side="right").clip(max=2)
+    return (owner[None, :] == np.arange(3)[:, None]).astype(np.float32)
+
+
+class MRotaryEmbedding(nn.Cell):
+    """(cos, sin) of shape (B, L, head_dim) in float32 from (3, B, L) position ids (multimodal RoPE)."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: Sequence[int], interleaved: bool = False) -> None:
+        super().__init__()
+        self.inv_freq = Tensor(inv_freq(head_dim, theta))
+        self.selector = Tensor(mrope_selector(mrope_section, head_dim // 2, interleaved)[:, None, None, :])
+
+    def construct(self, position_ids):
+        pos = ops.cast(position_ids, ms.float32)
+        freqs = pos[..., None] * self.inv_freq  # (3, B, L, half)
+        freqs = (freqs * self.selector).sum(0)
+        emb = ops.cat((freqs, freqs), -1)
+        return ops.cos(emb), ops.sin(emb)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def repeat_kv(x, n_rep: int):
+    """(B, Hkv, L, D) -> (B, Hkv*n_rep, L, D), each kv head repeated n_rep times in place (HF repeat_kv)."""
+    if n_rep == 1:
+        return x
+    b, h, length, d = x.shape
+    return ops.broadcast_to(x[:, :, None], (b, h, n_rep, length, d)).reshape(b, h * n_rep, length, d)
+
+
+def attention(q, k, v, mask, scale: float):
+    """Softmax attention over (B, H, L, D) q and (B, Hkv, L, D) k/v with an additive float32 mask.
+
+    `mask` broadcasts to (B, H, L, L) with 0 where allowed and NEG_INF elsewhere. Returns (B, L, H*D).
+    """
+    if on_ascend():
+        return _flash_attention(q, k, v, mask, scale)
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = ops.cast(ops.matmul(q, k.swapaxes(-1, -2)), ms.float32) * scale + mask
+    probs = ops.cast(ops.softmax(scores, -1), v.dtype)
+    out = ops.matmul(probs, v)
+    b, h, length, d = out.shape
+    return out.swapaxes(1, 2).reshape(b, length, h * d)
+
+
+def _flash_attention(q, k, v, mask, scale: float):
+    """Ascend fused attention with the same mask (True = masked out), BNSD layout."""
+    b, h, length, d = q.shape
+    n_rep = h // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    blocked = ops.cast(mask < NEG_INF / 2, ms.uint8)
+    out = ops.flash_attention_score(q, k, v, h, attn_mask=blocked, scalar_value=scale, input_layout="BNSD")
+    return out.swapaxes(1, 2).reshape(b, length, h * d)
+
+
+# --------------------------------------------------------------------------------------------------- loss
+
+
+def causal_lm_loss_sum(logits, labels):
+    """(sum of shifted cross-entropy over supervised targets, their count), float32 scalars.
+
+    logits[:, t] predicts labels[:, t + 1]; targets equal to IGNORE_INDEX are skipped.
+    """
+    target = labels[:, 1:]
+    valid = ops.cast(target != IGNORE_INDEX, ms.float32)
+    logp = ops.log_softmax(ops.cast(logits[:, :-1], ms.float32), -1)
+    picked = ops.gather_elements(logp, -1, ops.maximum(target, 0).expand_dims(-1)).squeeze(-1)
+    return -(picked * valid).sum(), valid.sum()
+
+
+# -------------------------------------------------------------------------------------------- initialise
+
+
+def init_parameters(model: nn.Cell, seed: int, std: float) -> None:
+    """Deterministic random init: every cell's NORMAL_INIT parameters ~ normal(0, std), in name order.
+
+    Biases and norm weights keep their construction values (0 and 1). Shared (tied) parameters are drawn once.
+    """
+    rng = np.random.default_rng(seed)
+    seen: set[int] = set()
+    for _, cell in sorted(model.cells_and_names(), key=lambda item: item[0]):
+        for attr in getattr(cell, "NORMAL_INIT", ()):
+            param = getattr(cell, attr)
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            param.set_data(Tensor(rng.normal(0.0, std, param.shape).astype(np.float32)))
+
+
+def set_recompute(cells: Sequence[nn.Cell]) -> None:
+    """Gradient checkpointing: recompute each cell's activations in the backward pass."""
+    for cell in cells:
+        cell.recompute()
+
+
+# ----------------------------------------------------------------------------------- host-side (numpy)
+
+
+def segment_ids(length: int, cu_seqlens: np.ndarray) -> np.ndarray:
+    """(length,) index of the cu_seqlens segment each position falls in."""
+    return np.searchsorted(np.asarray(cu_seqlens)[1:], np.arange(length), side="right")
+
+
+def text_attention_mask(
+    batch_size: int, length: int, attention_mask: np.ndarray | None = None, cu_seqlens: np.ndarray | None = None
+) -> np.ndarray:
+    """Additive (B, 1, L, L) float32 mask: causal, keys not padding, and keys in the query's segment."""
+    allowed = np.broadcast_to(np.tril(np.ones((length, length), bool)), (batch_size, length, length)).copy()
+    if cu_seqlens is not None:
+        seg = segment_ids(length, cu_seqlens)
+        allowed &= (seg[:, None] == seg[None, :])[None]
+    if attention_mask is not None:
+        allowed &= np.asarray(attention_mask, bool)[:, None, :]
+    return np.where(allowed, 0.0, NEG_INF).astype(np.float32)[:, None]
+
+
+def block_attention_mask(cu_seqlens: np.ndarray, length: int) -> np.ndarray:
+    """Additive (1, 1, N, N) float32 mask letting positions attend only within their cu_seqlens block."""
+    seg = segment_ids(length, cu_seqlens)
+    return np.where(seg[:, None] == seg[None, :], 0.0, NEG_INF).astype(np.float32)[None, None]
+
+
+def frame_cu_seqlens(grid_thw: np.ndarray) -> np.ndarray:
+    """[0, h*w, 2*h*w, ...]: one attention block per temporal frame of every image/video (HF cu_seqlens)."""
+    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def vision_rope_ids(grid_thw: np.ndarray, merge: int) -> np.ndarray:
+    """(N, 2) (row, col) patch coordinates in the merge-window-major order the vision towers use."""
+    ids = []
+    for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3):
+        rows = np.broadcast_to(np.arange(h)[:, None], (h, w))
+        cols = np.broadcast_to(np.arange(w)[None, :], (h, w))
+        pair = np.stack([rows, cols], -1).reshape(h // merge, merge, w // merge, merge, 2)
+        pair = pair.transpose(0, 2, 1, 3, 4).reshape(-1, 2)
+        ids.append(np.tile(pair, (int(t), 1)))
+    return np.concatenate(ids).astype(np.int64)
+
+
+def vision_rope_cos_sin(rope_ids: np.ndarray, head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, head_dim) float32 cos and sin of the 2-D vision rotary embedding (HF VisionRotaryEmbedding(head_dim/2))."""
+    freq = inv_freq(head_dim // 2, theta)
+    angles = (rope_ids[:, :, None].astype(np.float32) * freq[None, None, :]).reshape(len(rope_ids), -1)
+    emb = np.concatenate([angles, angles], -1)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def vision_scatter_index(
+    input_ids: np.ndarray, image_token_id: int, video_token_id: int, n_image: int, n_video: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where merged vision features go: ((B, L) int32 gather index, (B, L, 1) float32 0/1 slot mask).
+
+    Image tokens take image features in reading order, video tokens take the video features that follow them
+    (features are laid out [images..., videos...]). ValueError when the token counts differ from the features.
+    """
+    ids = np.asarray(input_ids)
+    image_at = ids == image_token_id
+    video_at = ids == video_token_id
+    if int(image_at.sum()) != n_image:
+        raise ValueError(f"{int(image_at.sum())} image pad tokens in input_ids but {n_image} merged image patches")
+    if int(video_at.sum()) != n_video:
+        raise ValueError(f"{int(video_at.sum())} video pad tokens in input_ids but {n_video} merged video patches")
+    index = np.zeros(ids.shape, np.int64)
+    index[image_at] = np.arange(n_image)
+    index[video_at] = n_image + np.arange(n_video)
+    slots = (image_at | video_at)[..., None].astype(np.float32)
+    return index.astype(np.int32), slots
