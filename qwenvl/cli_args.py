@@ -52,7 +52,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             continue
         tp = _field_type(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        help_text = f"{field.metadata.get('help', '')} (default: {default})"
+        help_text = f"{field.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         kwargs: dict[str, Any] = {"default": default, "help": help_text}
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]

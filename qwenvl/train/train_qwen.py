@@ -1,0 +1,91 @@
+"""Fine-tune a Qwen-VL model: `python qwenvl/train/train_qwen.py <flags>` or `msrun ... train_qwen.py <flags>`.
+
+The flags are upstream's (`--help` lists them all). The model family comes from the checkpoint's
+`config.json`; models, tokenizers and processors load from local folders only. Ends with the full
+model (Hugging Face format, with processor files carrying the training pixel limits) in `output_dir`
+and a printed summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from qwenvl.train.argument import parse_args  # noqa: E402
+
+NOT_APPLICABLE = {"deepspeed": "DeepSpeed is not used; ZeRO-1 is --optim adamw_zero1_mindspore"}
+
+
+def select_device() -> str:
+    """`QWENVL_DEVICE` when set, else Ascend when its runtime is present, else CPU."""
+    import mindspore as ms
+
+    target = os.environ.get("QWENVL_DEVICE")
+    if not target:
+        from mindspore.device_context.ascend import is_available
+
+        target = "Ascend" if is_available() else "CPU"
+    ms.set_device(target)
+    return target
+
+
+def compute_dtype(training_args) -> str:
+    if training_args.bf16 and training_args.fp16:
+        raise ValueError("--bf16 and --fp16 are exclusive")
+    return "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else "float32"
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, training_args = parse_args(argv)
+    device = select_device()
+
+    from qwenvl.data.pipeline import build_collator, build_dataset, build_encoder
+    from qwenvl.model import load_model
+    from qwenvl.train.distributed import init_distributed
+    from qwenvl.train.freezing import apply_tuning_flags
+    from qwenvl.train.model_files import HFModelFiles
+    from qwenvl.train.train_step import seed_everything
+    from qwenvl.train.trainer import Trainer
+
+    dp = init_distributed()
+    seed_everything(training_args.seed)
+    model_dir = Path(model_args.model_name_or_path)
+    encoder = build_encoder(model_dir, data_args, training_args.model_max_length)
+    dataset = build_dataset(encoder, data_args, training_args.seed)
+    collate = build_collator(encoder, data_args, pad_to_multiple_of=64)
+    model = load_model(model_dir, dtype=compute_dtype(training_args))
+    trainable = apply_tuning_flags(model, model_args)
+    if training_args.gradient_checkpointing:
+        model.enable_recompute()
+    files = HFModelFiles(model_dir, encoder.settings)
+    trainer = Trainer(model, training_args, dataset, collate, files, dp)
+    if dp.is_main:
+        for name, reason in NOT_APPLICABLE.items():
+            if getattr(training_args, name):
+                print(f"[train] --{name} ignored: {reason}")
+        print(f"[train] {model.model_type} from {model_dir} on {device} x{dp.world_size}; {len(dataset)} samples, "
+              f"{trainer.total_steps} steps; trainable parameters per part {trainable}")  # fmt: skip
+    summary = trainer.train()
+    if dp.is_main:
+        if not training_args.dry_run:
+            files.save(model, Path(training_args.output_dir))
+        (Path(training_args.output_dir) / "train_summary.json").write_text(
+            json.dumps(asdict(summary), indent=2), encoding="utf-8"
+        )
+        print(
+            f"[train] done: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}, "
+            f"{summary.tokens} supervised tokens, {summary.skipped_steps} skipped steps, "
+            f"{len(summary.bad_samples)} bad samples skipped, mean step {summary.mean_step_seconds:.3f} s; "
+            f"model saved to {training_args.output_dir}"
+            + (f", last checkpoint {summary.last_checkpoint}" if summary.last_checkpoint else "")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The MindSpore training loop: steps, schedule, logging, bad samples, checkpoints, resume, final save.
+
+Not the Hugging Face Trainer: one optimizer step is `TrainStep.run` (compiled forward/backward per
+micro-batch, token-weighted accumulation, data-parallel reduction, clipping, AdamW); this module
+decides what runs when. The data order is a pure function of (seed, epoch, rank, world), and a
+checkpoint stores weights, optimizer moments, RNG states and the data position, so a resumed run
+continues exactly where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+from mindspore import nn
+
+from qwenvl.data.errors import SampleError
+from qwenvl.train.checkpoint import (
+    DataPosition,
+    ShardedArrays,
+    TrainerState,
+    latest_checkpoint,
+    optimizer_files,
+    read_trainer_state,
+    remove_partial_checkpoints,
+    restore_rng_state,
+    rng_file,
+    rng_state,
+    rotate_checkpoints,
+    save_arrays,
+    write_checkpoint,
+)
+from qwenvl.train.data_loader import StepLoader, total_steps
+from qwenvl.train.distributed import DataParallel
+from qwenvl.train.optimizer import ZeRO1AdamW, build_optimizer
+from qwenvl.train.param_groups import build_param_groups
+from qwenvl.train.schedule import lr_factor, warmup_steps
+from qwenvl.train.train_log import TrainLogger, memory_stats
+from qwenvl.train.train_step import StepMetrics, TrainStep
+
+
+class ModelFiles(Protocol):
+    """How the trainer writes a model folder and reads weights back into a live model."""
+
+    def save(self, model: nn.Cell, out_dir: Path) -> None: ...
+
+    def load_into(self, model: nn.Cell, checkpoint: Path) -> None: ...
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    first_loss: float
+    last_loss: float
+    mean_step_seconds: float
+    tokens: int
+    skipped_steps: int
+    bad_samples: list[str] = field(default_factory=list)
+    last_checkpoint: str | None = None
+    resumed_from: str | None = None
+
+
+def _interval(value: float, total: int) -> int:
+    """HF convention: a value below 1 is a fraction of the total steps."""
+    return max(1, int(np.ceil(value * total)) if value < 1 else int(value))
+
+
+class Trainer:
+    """Trains `model` on `dataset` with the upstream TrainingArguments; `train()` returns a summary."""
+
+    def __init__(
+        self,
+        model: nn.Cell,
+        args,
+        dataset: Sequence,
+        collate: Callable,
+        files: ModelFiles,
+        dp: DataParallel | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.args = args
+        self.files = files
+        self.dp = dp or DataParallel()
+        self.output_dir = Path(args.output_dir)
+        self.groups = build_param_groups(model, args)
+        self.optimizer = build_optimizer(self.groups, args, self.dp)
+        self.step_fn = TrainStep(model, self.optimizer, args, self.dp)
+        self.loader = StepLoader(
+            dataset,
+            collate,
+            rank=self.dp.rank,
+            world=self.dp.world_size,
+            seed=args.seed,
+            micro_batch=args.per_device_train_batch_size,
+            accumulation=args.gradient_accumulation_steps,
+            num_workers=args.dataloader_num_workers,
+        )
+        self.total_steps = total_steps(args.num_train_epochs, args.max_steps, self.loader.steps_per_epoch)
+        self.warmup = warmup_steps(self.total_steps, args.warmup_ratio, args.warmup_steps)
+        self.state = TrainerState(max_steps=self.total_steps, data=self._position(0, 0))
+        self.progress = progress
+
+    def _position(self, epoch: int, step_in_epoch: int) -> DataPosition:
+        a = self.args
+        return DataPosition(
+            epoch=epoch,
+            step_in_epoch=step_in_epoch,
+            seed=a.seed,
+            world_size=self.dp.world_size,
+            dataset_size=len(self.loader.dataset),
+            micro_batch_size=a.per_device_train_batch_size,
+            accumulation_steps=a.gradient_accumulation_steps,
+        )
+
+    def lr_factor(self, step: int) -> float:
+        return lr_factor(self.args.lr_scheduler_type, step, self.total_steps, self.warmup)
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.dp.world_size > 1:
+            from mindspore import Tensor
+
+            self.dp.all_reduce_sum([Tensor(np.zeros(1, np.float32))])
+
+    def save_checkpoint(self) -> Path | None:
+        """`output_dir/checkpoint-N`, written atomically; returns it on the main rank."""
+        step = self.state.global_step
+        sharded = isinstance(self.optimizer, ZeRO1AdamW)
+
+        def shared_files(folder: Path) -> None:
+            self.files.save(self.model, folder)
+            if not sharded:
+                save_arrays(folder / "optimizer.safetensors", self.step_fn.state_dict())
+            schedule = {"lr_scheduler_type": self.args.lr_scheduler_type, "total_steps": self.total_steps,
+                        "warmup_steps": self.warmup, "last_factor": self.lr_factor(step)}  # fmt: skip
+            (folder / "scheduler.json").write_text(json.dumps(schedule, indent=2), encoding="utf-8")
+
+        def rank_files(folder: Path) -> None:
+            if sharded:
+                save_arrays(folder / f"optimizer-rank{self.dp.rank}.safetensors", self.step_fn.state_dict())
+            rng_file(folder, self.dp.rank).write_text(json.dumps(rng_state()), encoding="utf-8")
+
+        path = write_checkpoint(self.output_dir, step, shared_files, self.state, self.dp.is_main, self._barrier, rank_files)
+        if self.dp.is_main:
+            rotate_checkpoints(self.output_dir, self.args.save_total_limit)
+        return path
+
+    def resume(self, checkpoint: Path) -> None:
+        """Weights, optimizer moments, loss scale, RNG and data position from a complete checkpoint."""
+        self.files.load_into(self.model, checkpoint)
+        self.step_fn.load_state_dict(ShardedArrays(optimizer_files(checkpoint)))
+        state = read_trainer_state(checkpoint)
+        if (state.data.seed, state.data.world_size) != (self.args.seed, self.dp.world_size) or (
+            state.data.micro_batch_size,
+            state.data.accumulation_steps,
+        ) != (self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps):
+            raise ValueError(
+                f"{checkpoint}: saved with seed/world/batch/accumulation {state.data.seed}/{state.data.world_size}/"
+                f"{state.data.micro_batch_size}/{state.data.accumulation_steps}; this run differs, so the data "
+                "order would not continue where it stopped"
+            )
+        state.max_steps = self.total_steps
+        self.state = state
+        rng = rng_file(checkpoint, self.dp.rank)
+        if rng.is_file():
+            restore_rng_state(json.loads(rng.read_text(encoding="utf-8")))
+
+    def _find_resume(self) -> Path | None:
+        if self.args.resume_from_checkpoint:
+            path = Path(self.args.resume_from_checkpoint)
+            if not (path / "trainer_state.json").is_file():
+                raise ValueError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
+            return path
+        return latest_checkpoint(self.output_dir)
+
+    # ----- the loop ----------------------------------------------------------------------------
+    def _bad_samples(self, errors: list[SampleError], logger: TrainLogger) -> None:
+        for error in errors:
+            if not self.args.skip_bad_samples:
+                raise error
+            key = str(error)
+            if key not in self.state.bad_samples:
+                self.state.bad_samples.append(key)
+                logger.message(f"[train] skipped bad sample: {key}")
+
+    def _log_record(self, metrics: list[StepMetrics], seconds: list[float], tokens: int) -> dict:
+        step = self.state.global_step
+        good = [m for m in metrics if not m.skipped]
+        loss = float(np.mean([m.loss for m in good])) if good else float("nan")
+        factor = self.lr_factor(step - 1)
+        return {
+            "step": step,
+            "epoch": round(step / self.loader.steps_per_epoch, 4),
+            "loss": loss,
+            "grad_norm": float(metrics[-1].grad_norm),
+            "lr": {g.name: g.lr * factor for g in self.groups},
+            "tokens_per_s": tokens / max(sum(seconds), 1e-9),
+            "step_time_s": float(np.mean(seconds)),
+            "skipped_steps": self.state.skipped_steps,
+            "memory": memory_stats(),
+        }
+
+    def train(self) -> TrainSummary:
+        args = self.args
+        saving = args.save_strategy != "no" and not args.dry_run
+        if self.dp.is_main:
+            remove_partial_checkpoints(self.output_dir)
+        resumed = self._find_resume() if saving or args.resume_from_checkpoint else None
+        if resumed is not None:
+            self.resume(resumed)
+        logger = TrainLogger(
+            self.output_dir,
+            self.total_steps,
+            self.state.global_step,
+            enabled=self.dp.is_main,
+            tensorboard=args.report_to == "tensorboard",
+            progress=self.progress,
+        )
+        if resumed is not None:
+            logger.message(f"[train] resumed from {resumed} at step {self.state.global_step}")
+        log_every = _interval(args.logging_steps, self.total_steps)
+        save_every = _interval(args.save_steps, self.total_steps)
+        window: list[StepMetrics] = []
+        window_seconds: list[float] = []
+        window_tokens = 0
+        all_losses: list[float] = []
+        step_seconds: list[float] = []
+        last_saved: Path | None = None
+        steps = self.loader.iterate(self.state.data.epoch, self.state.data.step_in_epoch)
+        try:
+            while self.state.global_step < self.total_steps:
+                loaded = next(steps)
+                self._bad_samples(loaded.bad, logger)
+                start = time.perf_counter()
+                inputs = [self.model.prepare_inputs(batch) for batch in loaded.micro_batches]
+                metrics = self.step_fn.run(inputs, self.lr_factor(self.state.global_step))
+                elapsed = time.perf_counter() - start
+                self.state.global_step += 1
+                self.state.skipped_steps = self.step_fn.skipped_steps
+                self.state.tokens_seen += metrics.n_tokens
+                next_step = loaded.step_in_epoch + 1
+                epoch_done = next_step >= self.loader.steps_per_epoch
+                self.state.data = self._position(loaded.epoch + epoch_done, 0 if epoch_done else next_step)
+                self.state.epoch = self.state.global_step / self.loader.steps_per_epoch
+                if metrics.skipped:
+                    logger.message(f"[train] step {self.state.global_step} skipped: {metrics.reason}")
+                else:
+                    all_losses.append(metrics.loss)
+                step_seconds.append(elapsed)
+                window.append(metrics)
+                window_seconds.append(elapsed)
+                window_tokens += loaded.n_input_tokens
+                logger.advance(1, metrics.loss)
+                if self.state.global_step % log_every == 0 or self.state.global_step == self.total_steps:
+                    record = self._log_record(window, window_seconds, window_tokens * self.dp.world_size)
+                    self.state.log_history.append({k: v for k, v in record.items() if k != "memory"})
+                    logger.log(record)
+                    window, window_seconds, window_tokens = [], [], 0
+                due = args.save_strategy == "steps" and self.state.global_step % save_every == 0
+                due = due or (args.save_strategy == "epoch" and epoch_done)
+                if saving and (due or self.state.global_step == self.total_steps):
+                    last_saved = self.save_checkpoint()
+        finally:
+            steps.close()
+            logger.close()
+        if args.dry_run and self.dp.is_main:
+            print(f"[dry_run] {len(step_seconds)} steps, mean step {np.mean(step_seconds[1:] or step_seconds):.3f} s "
+                  f"(first, with compilation, {step_seconds[0] if step_seconds else float('nan'):.3f} s), "
+                  f"memory {json.dumps(memory_stats())}")  # fmt: skip
+        return TrainSummary(
+            steps=self.state.global_step,
+            first_loss=all_losses[0] if all_losses else float("nan"),
+            last_loss=all_losses[-1] if all_losses else float("nan"),
+            mean_step_seconds=float(np.mean(step_seconds)) if step_seconds else 0.0,
+            tokens=self.state.tokens_seen,
+            skipped_steps=self.state.skipped_steps,
+            bad_samples=list(self.state.bad_samples),
+            last_checkpoint=str(last_saved) if last_saved else None,
+            resumed_from=str(resumed) if resumed else None,
+        )
