@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Supervised fine-tuning with upstream's sft.sh flags; the per-model scripts set the variables below.
+#
+#   MODEL_PATH  local checkpoint folder (config.json + safetensors + tokenizer/processor files)
+#   DATASETS    --dataset_use value: registered names or .json/.jsonl paths, `name%50` samples 50%
+#   OUTPUT_DIR  checkpoints, logs (train_log.jsonl, TensorBoard runs/) and the final model
+#   LR BATCH ACCUM   learning rate, per-card micro-batch, micro-batches per optimizer step
+# Extra flags after the script name are passed on (they override the ones here).
+set -euo pipefail
+here="$(dirname "${BASH_SOURCE[0]}")"
+: "${MODEL_PATH:?set MODEL_PATH to a local model folder}"
+DATASETS="${DATASETS:-demo_images}"
+OUTPUT_DIR="${OUTPUT_DIR:-./output/$(basename "$MODEL_PATH")}"
+args=(
+  --model_name_or_path "$MODEL_PATH"
+  --dataset_use "$DATASETS"
+  --output_dir "$OUTPUT_DIR"
+  --data_flatten True                 # one row per micro-batch, attention kept inside each sample
+  --bf16                              # bfloat16 compute, fp32 master weights in AdamW
+  --optim adamw_zero1_mindspore       # AdamW with moments sharded across data-parallel ranks
+  --num_train_epochs 0.5
+  --per_device_train_batch_size "${BATCH:-4}"
+  --per_device_eval_batch_size "$((2 * ${BATCH:-4}))"
+  --gradient_accumulation_steps "${ACCUM:-4}"
+  --learning_rate "${LR:-2e-7}"
+  --max_pixels 50176 --min_pixels 784 # image pixel bounds after smart_resize (multiples of 28x28 / 32x32)
+  --eval_strategy no
+  --save_strategy steps --save_steps 1000 --save_total_limit 1
+  --weight_decay 0 --warmup_ratio 0.03 --max_grad_norm 1 --lr_scheduler_type cosine
+  --logging_steps 1
+  --model_max_length 8192             # per-sample token limit; vision blocks are never cut
+  --gradient_checkpointing True       # recompute each decoder layer / vision block in backward
+  --dataloader_num_workers 4
+  --report_to tensorboard
+)
+exec bash "$here/launch_msrun.sh" "${args[@]}" "$@"
