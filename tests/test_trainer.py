@@ -154,3 +154,23 @@ def test_help_lists_flags_without_importing_mindspore():
     for flag in ("--model_name_or_path", "--dataset_use", "--max_pixels", "--optim", "--save_total_limit", "--skip_bad_samples"):
         assert flag in out
     assert out.strip().endswith("NO_MINDSPORE")
+
+
+def test_eval_loss_and_perplexity_during_training(tmp_path):
+    seed_everything(0)
+    model = ToyVLForConditionalGeneration(seed=0)
+    args = _args(tmp_path, "--eval_strategy", "steps", "--eval_steps", "3", "--max_steps", "6",
+                 "--per_device_eval_batch_size", "3", "--save_strategy", "no")  # fmt: skip
+    eval_set = [_sample(i) for i in range(7)]  # 7 samples (seen in training): batches of 3, 3, 1
+    trainer = Trainer(model, args, Samples(12), _collate, ToyFiles(), progress=False, eval_dataset=eval_set)
+    trainer.train()
+    records = [r for r in trainer.state.log_history if "eval_loss" in r]
+    assert [r["step"] for r in records] == [3, 6]
+    assert records[1]["eval_loss"] < records[0]["eval_loss"]
+    # independent: the final model's summed loss over every eval sample, one at a time, / token count
+    model.set_train(False)
+    sums = [model(**model.prepare_inputs(_collate([s]))) for s in eval_set]
+    expected = sum(float(a) for a, _ in sums) / sum(float(b) for _, b in sums)
+    assert records[1]["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert records[1]["eval_perplexity"] == pytest.approx(np.exp(expected), rel=1e-5)
+    assert records[1]["eval_tokens"] == sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in eval_set)

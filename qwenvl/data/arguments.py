@@ -12,6 +12,7 @@ def _flag(default, help_text: str, **extra):
 @dataclass
 class DataArguments:
     dataset_use: str = _flag("", "comma list of registered names or .json/.jsonl paths, each with optional %N")
+    eval_dataset_use: str = _flag("", "datasets for eval loss/perplexity during training (same syntax as dataset_use)")
     dataset_registry: str | None = _flag(None, "JSON/YAML file mapping names to {annotation_path, data_path}")
     data_flatten: bool = _flag(False, "concatenate each micro-batch into one sequence with cu_seqlens")
     data_packing: bool = _flag(False, "annotations are pre-packed lists (tools/pack_data.py); implies flattening")

@@ -24,7 +24,7 @@ from qwenvl.family import model_family
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     """The pixel and video flags that change token counts (dataset selection flags excluded)."""
-    add_dataclass_args(parser, DataArguments, skip=("dataset_use", "dataset_registry", "data_flatten", "data_packing"))
+    add_dataclass_args(parser, DataArguments, skip=("dataset_use", "eval_dataset_use", "dataset_registry", "data_flatten", "data_packing"))
 
 
 def vision_settings(model_path: str | Path, family: str, data_args: DataArguments) -> VisionSettings:
@@ -54,9 +54,12 @@ def build_encoder(
     return SampleEncoder(tokenizer, settings, family, model_max_length, data_args.system_prompt)
 
 
-def build_dataset(encoder: SampleEncoder, data_args: DataArguments, seed: int) -> SupervisedDataset:
+def build_dataset(
+    encoder: SampleEncoder, data_args: DataArguments, seed: int, names: str | None = None
+) -> SupervisedDataset:
+    """The training datasets (`dataset_use`), or `names` in the same syntax (evaluation sets)."""
     registry = load_registry_file(data_args.dataset_registry) if data_args.dataset_registry else None
-    records = load_records(data_list(data_args.dataset_use, registry), seed)
+    records = load_records(data_list(data_args.dataset_use if names is None else names, registry), seed)
     return SupervisedDataset(records, encoder)
 
 

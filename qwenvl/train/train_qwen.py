@@ -40,6 +40,31 @@ def compute_dtype(training_args) -> str:
     return "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else "float32"
 
 
+def configure_trainable(model, model_args, training_args) -> dict[str, int]:
+    """Tuning flags, then LoRA adapters on top when `--lora_enable` (the LLM's base weights stay frozen).
+
+    With LoRA the vision and merger flags still apply (upstream ignored them, #2079).
+    """
+    from dataclasses import replace
+
+    from qwenvl.train.freezing import apply_tuning_flags
+
+    if not training_args.lora_enable:
+        return apply_tuning_flags(model, model_args)
+    from qwenvl.model.lora import LoraSettings, apply_lora
+
+    if model_args.tune_mm_llm:
+        print("[train] --tune_mm_llm ignored with --lora_enable: the LLM is adapted by LoRA, its base weights frozen")
+    trainable = apply_tuning_flags(model, replace(model_args, tune_mm_llm=False))
+    targets = tuple(t.strip() for t in training_args.lora_target_modules.split(",") if t.strip())
+    settings = LoraSettings(training_args.lora_r, float(training_args.lora_alpha), training_args.lora_dropout,
+                            targets, training_args.lora_vision)  # fmt: skip
+    adapted = apply_lora(model, settings, seed=training_args.seed)
+    trainable["lora"] = sum(int(p.size) for n, p in model.parameters_and_names() if ".lora_" in n)
+    print(f"[train] LoRA r={settings.r} alpha={settings.alpha} dropout={settings.dropout} on {len(adapted)} modules")
+    return trainable
+
+
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, training_args = parse_args(argv)
     device = select_device()
@@ -47,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     from qwenvl.data.pipeline import build_collator, build_dataset, build_encoder
     from qwenvl.model import load_model
     from qwenvl.train.distributed import init_distributed
-    from qwenvl.train.freezing import apply_tuning_flags
     from qwenvl.train.model_files import HFModelFiles
     from qwenvl.train.train_step import seed_everything
     from qwenvl.train.trainer import Trainer
@@ -59,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = build_dataset(encoder, data_args, training_args.seed)
     collate = build_collator(encoder, data_args, pad_to_multiple_of=64)
     model = load_model(model_dir, dtype=compute_dtype(training_args))
-    trainable = apply_tuning_flags(model, model_args)
+    trainable = configure_trainable(model, model_args, training_args)
     if training_args.gradient_checkpointing:
         model.enable_recompute()
     files = HFModelFiles(model_dir, encoder.settings)

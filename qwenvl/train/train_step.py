@@ -132,7 +132,7 @@ class TrainStep:
         self._forward_backward = ms.jit(grad_fn)
         self._finish = _GradFinisher(args.max_grad_norm)
 
-    def _positional(self, inputs: dict[str, Tensor]) -> list[Tensor | None]:
+    def positional(self, inputs: dict[str, Tensor]) -> list[Tensor | None]:
         unknown = set(inputs) - set(self._input_names)
         if unknown:
             raise ValueError(f"model.construct takes no input(s) {sorted(unknown)}")
@@ -141,7 +141,7 @@ class TrainStep:
 
     def forward_backward(self, inputs: dict[str, Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """(loss_sum, n_tokens, grads of scale * loss_sum) for one micro-batch, compiled."""
-        (_, loss_sum, n_tokens), grads = self._forward_backward(Tensor(scale, ms.float32), *self._positional(inputs))
+        (_, loss_sum, n_tokens), grads = self._forward_backward(Tensor(scale, ms.float32), *self.positional(inputs))
         return loss_sum, n_tokens, grads
 
     def run(self, micro_batches: Sequence[dict[str, Tensor]], lr_factor: float) -> StepMetrics:

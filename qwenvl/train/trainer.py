@@ -10,6 +10,7 @@ continues exactly where an uninterrupted one would be.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from qwenvl.train.checkpoint import (
     save_arrays,
     write_checkpoint,
 )
-from qwenvl.train.data_loader import StepLoader, total_steps
+from qwenvl.train.data_loader import StepLoader, null_sample, total_steps
 from qwenvl.train.distributed import DataParallel
 from qwenvl.train.optimizer import ZeRO1AdamW, build_optimizer
 from qwenvl.train.param_groups import build_param_groups
@@ -81,8 +82,13 @@ class Trainer:
         files: ModelFiles,
         dp: DataParallel | None = None,
         progress: bool = True,
+        eval_dataset: Sequence | None = None,
     ) -> None:
         self.model = model
+        self.model.set_train(True)
+        self.eval_dataset = eval_dataset
+        self.collate = collate
+        self._eval_fn = None
         self.args = args
         self.files = files
         self.dp = dp or DataParallel()
@@ -178,6 +184,43 @@ class Trainer:
             return path
         return latest_checkpoint(self.output_dir)
 
+    # ----- evaluation --------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Token-mean loss and perplexity over the whole eval set (split across ranks, summed)."""
+        import mindspore as ms
+        from mindspore import Tensor
+
+        if self._eval_fn is None:
+            model = self.model
+
+            def forward(*inputs):
+                return model(*inputs)
+
+            self._eval_fn = ms.jit(forward)
+        data, world, bs = self.eval_dataset, self.dp.world_size, self.args.per_device_eval_batch_size
+        mine = list(range(self.dp.rank, len(data), world))
+        n_batches = math.ceil(math.ceil(len(data) / world) / bs)
+        self.model.set_train(False)
+        loss_sum, tokens = 0.0, 0.0
+        for b in range(n_batches):
+            samples = [data[i] for i in mine[b * bs : (b + 1) * bs]] or [null_sample()]
+            inputs = self.model.prepare_inputs(self.collate(samples))
+            loss, count = self._eval_fn(*self.step_fn.positional(inputs))
+            loss_sum, tokens = loss_sum + float(loss), tokens + float(count)
+        self.model.set_train(True)
+        total_loss, total_tokens = (float(t) for t in self.dp.all_reduce_sum([Tensor(loss_sum), Tensor(tokens)]))
+        mean = total_loss / max(total_tokens, 1.0)
+        return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 80.0)), "eval_tokens": int(total_tokens)}
+
+    def _eval_due(self, epoch_done: bool) -> bool:
+        strategy = self.args.eval_strategy
+        if self.eval_dataset is None or strategy == "no":
+            return False
+        if strategy == "epoch":
+            return epoch_done
+        every = _interval(self.args.eval_steps or self.args.logging_steps, self.total_steps)
+        return self.state.global_step % every == 0
+
     # ----- the loop ----------------------------------------------------------------------------
     def _bad_samples(self, errors: list[SampleError], logger: TrainLogger) -> None:
         for error in errors:
@@ -261,6 +304,12 @@ class Trainer:
                     self.state.log_history.append({k: v for k, v in record.items() if k != "memory"})
                     logger.log(record)
                     window, window_seconds, window_tokens = [], [], 0
+                if self._eval_due(epoch_done):
+                    record = {"step": self.state.global_step, **self.evaluate()}
+                    self.state.log_history.append(record)
+                    logger.log(record)
+                    logger.message(f"[eval] step {record['step']}: loss {record['eval_loss']:.4f}, "
+                                   f"perplexity {record['eval_perplexity']:.2f}")  # fmt: skip
                 due = args.save_strategy == "steps" and self.state.global_step % save_every == 0
                 due = due or (args.save_strategy == "epoch" and epoch_done)
                 if saving and (due or self.state.global_step == self.total_steps):

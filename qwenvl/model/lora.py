@@ -1,0 +1,171 @@
+"""LoRA adapters on the native models, saved and loaded in PEFT's format.
+
+`apply_lora` swaps each targeted `Linear` for a `LoraLinear` that keeps the base weight and bias (same
+Parameter objects, same Hugging Face names) and adds `lora_A.weight` (r, in) and `lora_B.weight`
+(out, r): y = x W^T + b + dropout(x) A^T B^T * alpha / r, PEFT's initialisation (A Kaiming-uniform with
+a = sqrt(5), B zero, so training starts from the base model). Targets are module names in the language
+model (`q_proj`, ...) and optionally the vision attention (`qkv`, `proj` inside `model.visual.blocks`);
+upstream's PEFT call could adapt only the LLM.
+
+The adapter folder is what `peft.PeftModel.from_pretrained` reads: `adapter_config.json` (a regex
+`target_modules` naming exactly the adapted modules) and `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight`. Merging (W + scale * B A) is `merge_lora`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from qwenvl.model.layers import Linear
+
+PEFT_PREFIX = "base_model.model."
+VISION_TARGETS = ("qkv", "proj")
+_LLM_PREFIX = "model.language_model.layers."
+_VISION_PREFIX = "model.visual.blocks."
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    vision: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoraLinear(nn.Cell):
+    """A `Linear` plus a low-rank update; `weight`/`bias` are the base layer's own parameters."""
+
+    def __init__(self, base: Linear, settings: LoraSettings, rng: np.random.Generator) -> None:
+        super().__init__()
+        d_out, d_in = base.weight.shape
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_A = Linear(d_in, settings.r, bias=False)
+        self.lora_B = Linear(settings.r, d_out, bias=False)
+        bound = 1.0 / math.sqrt(d_in)
+        self.lora_A.weight.set_data(Tensor(rng.uniform(-bound, bound, (settings.r, d_in)).astype(np.float32)))
+        self.lora_B.weight.set_data(Tensor(np.zeros((d_out, settings.r), np.float32)))
+        self.dropout = nn.Dropout(p=settings.dropout) if settings.dropout > 0 else None
+        self.scaling = settings.scaling
+
+    def construct(self, x):
+        y = ops.matmul(x, ops.cast(self.weight, x.dtype).swapaxes(0, 1))
+        if self.bias is not None:
+            y = y + ops.cast(self.bias, x.dtype)
+        h = self.dropout(x) if self.dropout is not None else x
+        return y + self.lora_B(self.lora_A(h)) * self.scaling
+
+
+def _is_target(name: str, settings: LoraSettings) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    if name.startswith(_LLM_PREFIX):
+        return leaf in settings.target_modules
+    return settings.vision and name.startswith(_VISION_PREFIX) and leaf in VISION_TARGETS
+
+
+def apply_lora(model: nn.Cell, settings: LoraSettings, seed: int = 0) -> list[str]:
+    """Wrap every targeted Linear; returns the adapted module names. Parameter names stay full paths."""
+    rng = np.random.default_rng(seed)
+    targets = [(name, cell) for name, cell in model.cells_and_names() if isinstance(cell, Linear) and _is_target(name, settings)]
+    if not targets:
+        raise ValueError(f"LoRA target modules {settings.target_modules} match no Linear layer of the model")
+    for name, cell in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(_sub_cell(model, parent_name), attr, LoraLinear(cell, settings, rng))
+    for full_name, param in model.parameters_and_names():
+        param.name = full_name
+    model.lora_settings = settings
+    model.lora_modules = [name for name, _ in targets]
+    return model.lora_modules
+
+
+def _sub_cell(model: nn.Cell, dotted: str) -> nn.Cell:
+    cell = model
+    for part in dotted.split("."):
+        cell = cell[int(part)] if part.isdigit() else getattr(cell, part)
+    return cell
+
+
+def lora_parameters(model: nn.Cell) -> dict[str, Parameter]:
+    return {name: p for name, p in model.parameters_and_names() if ".lora_A." in name or ".lora_B." in name}
+
+
+def base_state(model: nn.Cell) -> dict[str, np.ndarray]:
+    """The base model's weights (LoRA tensors left out), by Hugging Face name."""
+    return {name: p.asnumpy() for name, p in model.parameters_and_names() if ".lora_" not in name}
+
+
+def target_regex(modules: list[str]) -> str:
+    """A PEFT `target_modules` regex matching exactly these module names (full match)."""
+    return "|".join(re.escape(m) for m in modules)
+
+
+def save_adapter(model: nn.Cell, out_dir: str | Path, base_model_name_or_path: str = "") -> Path:
+    """`adapter_config.json` + `adapter_model.safetensors` in PEFT's layout."""
+    from safetensors.numpy import save_file
+
+    settings: LoraSettings = model.lora_settings
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + name: p.asnumpy() for name, p in lora_parameters(model).items()}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": target_regex(model.lora_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(adapter_config, {module name: (A, B) tensors by `<module>.lora_A.weight` keys without the prefix})."""
+    from safetensors.numpy import load_file
+
+    folder = Path(adapter_dir)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    raw = load_file(str(folder / "adapter_model.safetensors"))
+    tensors = {}
+    for key, value in raw.items():
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        tensors[name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = value
+    return config, tensors
+
+
+def merge_lora(base: dict[str, np.ndarray], config: dict, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Base weights with every adapted `W` replaced by `W + (alpha / r) * B @ A` (float32 maths)."""
+    scaling = float(config["lora_alpha"]) / float(config["r"])
+    merged = dict(base)
+    modules = {key.rsplit(".lora_", 1)[0] for key in tensors if ".lora_A." in key}
+    for module in sorted(modules):
+        weight_name = f"{module}.weight"
+        if weight_name not in merged:
+            raise ValueError(f"adapter module {module!r} has no base weight {weight_name!r}")
+        a = tensors[f"{module}.lora_A.weight"].astype(np.float32)
+        b = tensors[f"{module}.lora_B.weight"].astype(np.float32)
+        w = merged[weight_name]
+        merged[weight_name] = (w.astype(np.float32) + scaling * (b @ a)).astype(w.dtype)
+    return merged
