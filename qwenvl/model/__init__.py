@@ -1,0 +1,130 @@
+"""Native MindSpore Qwen-VL models: build from a Hugging Face config, load and save HF safetensors checkpoints.
+
+`MODEL_CLASSES[model_type]` imports a family's module on first use, so one family's module never has to
+import for another's to work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+from mindspore import Tensor, nn
+
+from qwenvl.model.checkpoint_io import checkpoint_files, iter_safetensors, to_disk_name, to_memory_name, write_safetensors
+from qwenvl.model.layers import init_parameters
+
+_REGISTRY = {
+    "qwen2_vl": ("qwenvl.model.qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("qwenvl.model.qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("qwenvl.model.qwen3_vl", "Qwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("qwenvl.model.qwen3_vl", "Qwen3VLMoeForConditionalGeneration"),
+}
+
+
+class _LazyClasses(Mapping):
+    """model_type -> model class, importing the family module on access; lists only importable families."""
+
+    def __getitem__(self, model_type: str) -> type:
+        if model_type not in _REGISTRY:
+            raise KeyError(f"model_type {model_type!r} is not one of {sorted(_REGISTRY)}")
+        module, name = _REGISTRY[model_type]
+        return getattr(importlib.import_module(module), name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, (module, _) in _REGISTRY.items() if importlib.util.find_spec(module) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+MODEL_CLASSES: Mapping[str, type] = _LazyClasses()
+
+
+def read_config(config: dict | str | Path) -> dict:
+    """A config dict from a dict, a config.json path or a folder holding config.json."""
+    if isinstance(config, dict):
+        return dict(config)
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _instantiate(config: dict, dtype: str) -> nn.Cell:
+    model_type = config.get("model_type")
+    if model_type not in _REGISTRY:
+        raise ValueError(f"model_type {model_type!r} is not one of {sorted(_REGISTRY)}")
+    return MODEL_CLASSES[model_type](config, dtype=dtype)
+
+
+def _initializer_range(config: dict) -> float:
+    return float((config.get("text_config") or {}).get("initializer_range", config.get("initializer_range", 0.02)))
+
+
+def build_model(config: dict | str | Path, seed: int = 0, dtype: str = "float32") -> nn.Cell:
+    """A randomly initialised model (normal(0, initializer_range) weights, zero biases, unit norms), seeded."""
+    config = read_config(config)
+    model = _instantiate(config, dtype)
+    init_parameters(model, seed, _initializer_range(config))
+    return model
+
+
+def named_parameters(model: nn.Cell) -> dict:
+    """name -> Parameter, each shared (tied) parameter once under its first name, as HF state dicts list them."""
+    out, seen = {}, set()
+    for name, param in model.parameters_and_names():
+        if id(param) not in seen:
+            seen.add(id(param))
+            out[name] = param
+    return out
+
+
+def _is_tied(model: nn.Cell) -> bool:
+    return model.lm_head.weight is model.model.language_model.embed_tokens.weight
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32") -> nn.Cell:
+    """Model from a checkpoint folder, streaming tensors into parameters; legacy and 4.57 names both accepted.
+
+    ValueError naming missing, unexpected or shape-mismatched tensors.
+    """
+    model_dir = Path(model_dir)
+    model = _instantiate(read_config(model_dir), dtype)
+    params = named_parameters(model)
+    optional = {"lm_head.weight"} if _is_tied(model) else set()
+    loaded, unexpected, mismatched = set(), [], []
+    for path in checkpoint_files(model_dir):
+        for disk_name, array in iter_safetensors(path):
+            name = to_memory_name(disk_name)
+            if name in optional:
+                continue
+            if name not in params:
+                unexpected.append(disk_name)
+                continue
+            if tuple(array.shape) != tuple(params[name].shape):
+                mismatched.append(f"{disk_name}: checkpoint {tuple(array.shape)} vs model {tuple(params[name].shape)}")
+                continue
+            params[name].set_data(Tensor(np.ascontiguousarray(array)))
+            loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    problems = [f"{label} ({len(items)}): {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+                if items]  # fmt: skip
+    if problems:
+        raise ValueError(f"checkpoint {model_dir} does not match {type(model).__name__}: " + "; ".join(problems))
+    return model
+
+
+def save_model(model: nn.Cell, out_dir: str | Path, max_shard_size: int = 5 * 2**30) -> None:
+    """config.json + safetensors (float32) with the tensor names transformers 4.57 `save_pretrained` writes."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.config, indent=2), encoding="utf-8")
+    model_type = model.model_type
+    tensors = ((to_disk_name(name, model_type), param.asnumpy()) for name, param in named_parameters(model).items())
+    write_safetensors(tensors, out, max_shard_size)

@@ -18,6 +18,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
+from mindspore.ops import constexpr
 
 from qwenvl.constants import IGNORE_INDEX
 
@@ -25,8 +26,9 @@ NEG_INF = -1e9
 DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
 
 
+@constexpr
 def on_ascend() -> bool:
-    """True when the fused Ascend kernels can be used (read at graph-build time)."""
+    """True when the fused Ascend kernels can be used (a compile-time constant inside `mindspore.jit`)."""
     return ms.get_context("device_target") == "Ascend"
 
 
@@ -70,6 +72,27 @@ class Embedding(nn.Cell):
 
     def construct(self, ids):
         return ops.gather(self.weight, ids, 0)
+
+
+class PatchProjection(nn.Cell):
+    """HF's Conv3d patch embedding (stride == kernel) as one matmul on flattened (N, C*T*P*P) patches.
+
+    The weight keeps the Conv3d shape (embed, C, T, P, P) so checkpoints load unchanged.
+    """
+
+    NORMAL_INIT = ("weight",)
+
+    def __init__(self, in_channels: int, temporal: int, patch: int, embed_dim: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = zeros_parameter(embed_dim, in_channels, temporal, patch, patch)
+        self.bias = zeros_parameter(embed_dim) if bias else None
+        self.embed_dim = embed_dim
+
+    def construct(self, x):
+        y = ops.matmul(x, ops.cast(self.weight, x.dtype).reshape(self.embed_dim, -1).swapaxes(0, 1))
+        if self.bias is not None:
+            y = y + ops.cast(self.bias, x.dtype)
+        return y
 
 
 def rms_norm(x, weight, eps: float):
