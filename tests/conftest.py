@@ -51,3 +51,21 @@ def processor_dir_factory(qwen_tokenizer_dir, tmp_path_factory):
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """`make(family)` -> a tiny random model folder from tools/make_tiny_model.py (built once per family)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_tiny_model import make_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def make(family: str = "qwen2.5vl") -> Path:
+        if family not in built:
+            built[family] = make_tiny_model(tmp_path_factory.mktemp(f"tiny_{family.replace('.', '_')}"), family, seed=0)
+        return built[family]
+
+    return make

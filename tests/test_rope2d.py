@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +15,7 @@ import pytest
 from qwenvl.data.rope2d import get_rope_index_2, get_rope_index_3, get_rope_index_25, rope_index_fn
 
 IMAGE, VIDEO, START, END = 151655, 151656, 151652, 151653
+ROOT = Path(__file__).resolve().parents[1]
 IDS = {"image_token_id": IMAGE, "video_token_id": VIDEO, "vision_start_token_id": START}
 
 
@@ -83,37 +89,50 @@ def _random_row(rng: np.random.Generator, family: str) -> tuple[list[int], list,
     return tokens, images, videos, seconds
 
 
-def _hf_rope(family: str):
-    pytest.importorskip("mindnlp", reason="mindnlp (transformers on MindSpore) is the reference")
+def _hf_rope_child(work: Path) -> None:
+    """Child process: transformers' get_rope_index under mindnlp (which must stay out of the pytest process:
+    importing it patches mindspore.Tensor for everything after)."""
     import mindnlp  # noqa: F401
     import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
 
-    model_cls = {"qwen2vl": Qwen2VLModel, "qwen2.5vl": Qwen2_5_VLModel, "qwen3vl": Qwen3VLModel}[family]
-    vision = SimpleNamespace(spatial_merge_size=2, tokens_per_second=2)
-    fake = SimpleNamespace(config=SimpleNamespace(vision_config=vision, **IDS))
-
-    def run(ids, images, videos, seconds, mask):
-        kwargs = {
-            "input_ids": torch.tensor(ids),
-            "image_grid_thw": torch.tensor(images) if images is not None else None,
-            "video_grid_thw": torch.tensor(videos) if videos is not None else None,
-            "attention_mask": torch.tensor(mask),
-        }
-        if family == "qwen2.5vl":
-            kwargs["second_per_grid_ts"] = torch.tensor(seconds) if seconds is not None else None
-        pos, deltas = model_cls.get_rope_index(fake, **kwargs)
-        return pos.numpy(), deltas.numpy()
-
-    return run
+    classes = {"qwen2vl": Qwen2VLModel, "qwen2.5vl": Qwen2_5_VLModel, "qwen3vl": Qwen3VLModel}
+    fake = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2, tokens_per_second=2), **IDS))
+    cases = json.loads((work / "cases.json").read_text())
+    results = []
+    for case in cases:
+        kwargs = {key: None if case[key] is None else torch.tensor(case[key])
+                  for key in ("input_ids", "image_grid_thw", "video_grid_thw", "attention_mask")}  # fmt: skip
+        if case["family"] == "qwen2.5vl":
+            seconds = case["second_per_grid_ts"]
+            kwargs["second_per_grid_ts"] = None if seconds is None else torch.tensor(seconds, dtype=torch.float32)
+        pos, deltas = classes[case["family"]].get_rope_index(fake, **kwargs)
+        results.append([pos.numpy().tolist(), deltas.numpy().reshape(-1).tolist()])
+    (work / "results.json").write_text(json.dumps(results))
 
 
-@pytest.mark.parametrize("family", ["qwen2vl", "qwen2.5vl", "qwen3vl"])
-def test_random_layouts_equal_transformers(family):
-    hf = _hf_rope(family)
+def _listed(array: np.ndarray | None) -> list | None:
+    return None if array is None else array.tolist()
+
+
+def _hf_rope(cases: list[dict], work: Path) -> list:
+    pytest.importorskip("mindnlp", reason="mindnlp (transformers on MindSpore) is the reference")
+    (work / "cases.json").write_text(json.dumps(cases))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__, str(work)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((work / "results.json").read_text())
+
+
+FAMILIES = ("qwen2vl", "qwen2.5vl", "qwen3vl")
+
+
+def _layouts(family: str) -> tuple[list[dict], list]:
+    """25 random batches for a family: the request for transformers and our results."""
     rng = np.random.default_rng({"qwen2vl": 1, "qwen2.5vl": 2, "qwen3vl": 3}[family])
+    cases, ours = [], []
     for _ in range(25):
         rows = [_random_row(rng, family) for _ in range(int(rng.integers(1, 4)))]
         length = max(len(r[0]) for r in rows) + int(rng.integers(0, 3))
@@ -123,15 +142,39 @@ def test_random_layouts_equal_transformers(family):
             left = rng.random() < 0.3  # left padding, as in generation batches
             sl = slice(length - len(tokens), length) if left else slice(0, len(tokens))
             ids[b, sl], mask[b, sl] = tokens, 1
-        images = [g for r in rows for g in r[1]] or None
-        videos = [g for r in rows for g in r[2]] or None
+        images = np.array([g for r in rows for g in r[1]]) if any(r[1] for r in rows) else None
+        videos = np.array([g for r in rows for g in r[2]]) if any(r[2] for r in rows) else None
         seconds = [s for r in rows for s in r[3]] or None
         kwargs = {"attention_mask": mask, **IDS}
         if family == "qwen2.5vl":
             kwargs["second_per_grid_ts"] = None if seconds is None else np.array(seconds, np.float32)
-        images_np = None if images is None else np.array(images)
-        videos_np = None if videos is None else np.array(videos)
-        ours = rope_index_fn(family)(2, ids, images_np, videos_np, **kwargs)
-        ref = hf(ids, images, videos, seconds, mask)
-        np.testing.assert_array_equal(ours[0], ref[0])
-        np.testing.assert_array_equal(ours[1].reshape(-1), ref[1].reshape(-1))
+        ours.append(rope_index_fn(family)(2, ids, images, videos, **kwargs))
+        cases.append({"family": family, "input_ids": ids.tolist(), "attention_mask": mask.tolist(),
+                      "image_grid_thw": _listed(images), "video_grid_thw": _listed(videos),
+                      "second_per_grid_ts": seconds})  # fmt: skip
+    return cases, ours
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> dict[str, tuple[list, list]]:
+    """Ours and transformers' results per family; the reference runs once, in one child process."""
+    built = {family: _layouts(family) for family in FAMILIES}
+    refs = _hf_rope([c for family in FAMILIES for c in built[family][0]], tmp_path_factory.mktemp("rope"))
+    out, at = {}, 0
+    for family in FAMILIES:
+        n = len(built[family][1])
+        out[family] = (built[family][1], refs[at : at + n])
+        at += n
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_layouts_equal_transformers(family, layouts):
+    ours, refs = layouts[family]
+    for (pos, deltas), (ref_pos, ref_deltas) in zip(ours, refs):
+        np.testing.assert_array_equal(pos, np.asarray(ref_pos))
+        np.testing.assert_array_equal(deltas.reshape(-1), np.asarray(ref_deltas))
+
+
+if __name__ == "__main__":
+    _hf_rope_child(Path(sys.argv[1]))

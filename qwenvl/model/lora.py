@@ -26,6 +26,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from qwenvl.model.layers import Linear
 
 PEFT_PREFIX = "base_model.model."
+NON_LORA_FILE = "non_lora_trainables.safetensors"
 VISION_TARGETS = ("qkv", "proj")
 _LLM_PREFIX = "model.language_model.layers."
 _VISION_PREFIX = "model.visual.blocks."
@@ -169,3 +170,25 @@ def merge_lora(base: dict[str, np.ndarray], config: dict, tensors: dict[str, np.
         w = merged[weight_name]
         merged[weight_name] = (w.astype(np.float32) + scaling * (b @ a)).astype(w.dtype)
     return merged
+
+
+def merged_weights(base: dict[str, np.ndarray], adapter_dir: str | Path) -> tuple[dict[str, np.ndarray], int, int]:
+    """Base weights with the adapter merged and the adapter folder's non-LoRA trained tensors in place.
+
+    Returns (weights, merged module count, replaced tensor count).
+    """
+    from safetensors.numpy import load_file
+
+    folder = Path(adapter_dir)
+    config, tensors = read_adapter(folder)
+    merged = merge_lora(base, config, tensors)
+    replaced = 0
+    extra = folder / NON_LORA_FILE
+    if extra.is_file():
+        for name, value in load_file(str(extra)).items():
+            if name not in merged or merged[name].shape != value.shape:
+                raise ValueError(f"{extra}: {name!r} {value.shape} does not match the base model")
+            merged[name] = value.astype(np.float32)
+            replaced += 1
+    n_modules = len({key.rsplit(".lora_", 1)[0] for key in tensors if ".lora_A." in key})
+    return merged, n_modules, replaced

@@ -16,8 +16,8 @@ from mindspore import Tensor, nn
 
 from qwenvl.data.image_processing import VisionSettings
 from qwenvl.data.processor_files import write_processor_files
+from qwenvl.model.lora import NON_LORA_FILE
 
-NON_LORA_FILE = "non_lora_trainables.safetensors"
 
 
 def non_lora_trainables(model: nn.Cell) -> dict[str, np.ndarray]:

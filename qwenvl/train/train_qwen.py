@@ -81,13 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(model_args.model_name_or_path)
     encoder = build_encoder(model_dir, data_args, training_args.model_max_length)
     dataset = build_dataset(encoder, data_args, training_args.seed)
+    eval_dataset = (
+        build_dataset(encoder, data_args, training_args.seed, names=data_args.eval_dataset_use)
+        if data_args.eval_dataset_use
+        else None
+    )
     collate = build_collator(encoder, data_args, pad_to_multiple_of=64)
     model = load_model(model_dir, dtype=compute_dtype(training_args))
     trainable = configure_trainable(model, model_args, training_args)
     if training_args.gradient_checkpointing:
         model.enable_recompute()
     files = HFModelFiles(model_dir, encoder.settings)
-    trainer = Trainer(model, training_args, dataset, collate, files, dp)
+    trainer = Trainer(model, training_args, dataset, collate, files, dp, eval_dataset=eval_dataset)
     if dp.is_main:
         for name, reason in NOT_APPLICABLE.items():
             if getattr(training_args, name):
