@@ -1,0 +1,459 @@
+"""Native MindSpore Qwen3-VL and Qwen3-VL-MoE, numerically equal to `transformers` 4.57.
+
+Vision: Conv3d patch embedding (with bias) computed as a matmul, a learned position table bilinearly
+interpolated to each grid (HF `fast_pos_embed_interpolate`; indices and weights come from the host), 2-D
+rotary LayerNorm blocks attending within each frame, a merger, and deepstack mergers whose outputs are added
+to the text hidden states at the vision tokens after the first decoder layers.
+Text: Qwen3 decoder (q_norm/k_norm on each head, interleaved multimodal RoPE); the MoE variant replaces
+the MLP with a softmax-top-k router over fused expert tensors, evaluated densely (equal to HF's dispatch).
+
+Parameter names and shapes are exactly HF's (`model.visual.*`, `model.language_model.*`, `lm_head.weight`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from qwenvl.model.layers import (
+    DTYPES,
+    Embedding,
+    LayerNorm,
+    Linear,
+    MRotaryEmbedding,
+    RMSNorm,
+    activation,
+    apply_rotary,
+    attention,
+    block_attention_mask,
+    causal_lm_loss_sum,
+    frame_cu_seqlens,
+    gelu_exact,
+    set_recompute,
+    text_attention_mask,
+    vision_rope_cos_sin,
+    vision_rope_ids,
+    vision_scatter_index,
+    zeros_parameter,
+)
+
+TEXT_DEFAULTS: dict[str, Any] = {
+    "attention_bias": False,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 5000000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "rope_scaling": None,
+    "head_dim": None,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": None,
+    "num_experts": 0,
+}
+VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_act": "gelu_pytorch_tanh",
+    "in_channels": 3,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 2304,
+    "deepstack_visual_indexes": [8, 16, 24],
+}
+DEFAULT_MROPE_SECTION = [24, 20, 20]
+
+
+def _sub_config(config: dict, key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A sub-config with HF's defaults filled in for the keys this module reads."""
+    merged = {**defaults, **config.get(key, {})}
+    if key == "text_config" and merged["head_dim"] is None:
+        merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
+    return merged
+
+
+# ------------------------------------------------------------------------------------------------- vision
+
+
+class PatchConv3d(nn.Cell):
+    """Conv3d with stride == kernel on pre-flattened patches, i.e. one matmul; weight keeps HF's 5-D shape."""
+
+    NORMAL_INIT = ("weight",)
+
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        p, t = vc["patch_size"], vc["temporal_patch_size"]
+        self.weight = zeros_parameter(vc["hidden_size"], vc["in_channels"], t, p, p)
+        self.bias = zeros_parameter(vc["hidden_size"])
+        self.embed_dim = vc["hidden_size"]
+
+    def construct(self, x):
+        w = ops.cast(self.weight, x.dtype).reshape(self.embed_dim, -1)
+        return ops.matmul(x, w.swapaxes(0, 1)) + ops.cast(self.bias, x.dtype)
+
+
+class Qwen3VLVisionPatchEmbed(nn.Cell):
+    """Holds the projection as `proj`, as HF names it (`patch_embed.proj.weight`)."""
+
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        self.proj = PatchConv3d(vc)
+
+    def construct(self, x):
+        return self.proj(x)
+
+
+class Qwen3VLVisionAttention(nn.Cell):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        dim = vc["hidden_size"]
+        self.heads = vc["num_heads"]
+        self.head_dim = dim // self.heads
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
+
+    def construct(self, x, mask, cos, sin):
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape(n, 3, self.heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (N, heads, head_dim)
+        q = apply_rotary(q, cos, sin).swapaxes(0, 1)[None]
+        k = apply_rotary(k, cos, sin).swapaxes(0, 1)[None]
+        v = v.swapaxes(0, 1)[None]
+        out = attention(q, k, v, mask, self.head_dim**-0.5)  # (1, N, dim)
+        return self.proj(out[0])
+
+
+class Qwen3VLVisionMLP(nn.Cell):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        self.linear_fc1 = Linear(vc["hidden_size"], vc["intermediate_size"])
+        self.linear_fc2 = Linear(vc["intermediate_size"], vc["hidden_size"])
+        self.act = activation(vc["hidden_act"])
+
+    def construct(self, x):
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
+class Qwen3VLVisionBlock(nn.Cell):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(vc["hidden_size"], 1e-6)
+        self.norm2 = LayerNorm(vc["hidden_size"], 1e-6)
+        self.attn = Qwen3VLVisionAttention(vc)
+        self.mlp = Qwen3VLVisionMLP(vc)
+
+    def construct(self, x, mask, cos, sin):
+        x = x + self.attn(self.norm1(x), mask, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class Qwen3VLVisionPatchMerger(nn.Cell):
+    """Merge each spatial_merge_size^2 window into one token: norm before (merger) or after (deepstack) the
+    window concatenation, then fc1 -> exact GELU -> fc2."""
+
+    def __init__(self, vc: dict[str, Any], postshuffle_norm: bool) -> None:
+        super().__init__()
+        self.merged = vc["hidden_size"] * vc["spatial_merge_size"] ** 2
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = LayerNorm(self.merged if postshuffle_norm else vc["hidden_size"], 1e-6)
+        self.linear_fc1 = Linear(self.merged, self.merged)
+        self.linear_fc2 = Linear(self.merged, vc["out_hidden_size"])
+
+    def construct(self, x):
+        if self.postshuffle_norm:
+            x = self.norm(x.reshape(-1, self.merged))
+        else:
+            x = self.norm(x).reshape(-1, self.merged)
+        return self.linear_fc2(gelu_exact(self.linear_fc1(x)))
+
+
+class Qwen3VLVisionModel(nn.Cell):
+    """Returns (merged features (M, out), tuple of deepstack features (M, out) per deepstack index)."""
+
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        self.patch_embed = Qwen3VLVisionPatchEmbed(vc)
+        self.pos_embed = Embedding(vc["num_position_embeddings"], vc["hidden_size"])
+        self.blocks = nn.CellList([Qwen3VLVisionBlock(vc) for _ in range(vc["depth"])])
+        self.merger = Qwen3VLVisionPatchMerger(vc, postshuffle_norm=False)
+        self.deepstack_indexes = tuple(vc["deepstack_visual_indexes"])
+        self.deepstack_merger_list = nn.CellList(
+            [Qwen3VLVisionPatchMerger(vc, postshuffle_norm=True) for _ in self.deepstack_indexes]
+        )
+
+    def construct(self, pixel_values, mask, cos, sin, pos_index, pos_weight):
+        x = self.patch_embed(pixel_values)
+        table = ops.cast(self.pos_embed.weight, x.dtype)
+        weight = ops.cast(pos_weight, x.dtype)
+        pos = ops.gather(table, pos_index[0], 0) * weight[0][:, None]
+        for corner in range(1, 4):
+            pos = pos + ops.gather(table, pos_index[corner], 0) * weight[corner][:, None]
+        x = x + pos
+        deepstack = ()
+        for index, block in enumerate(self.blocks):
+            x = block(x, mask, cos, sin)
+            for slot, deep_index in enumerate(self.deepstack_indexes):
+                if index == deep_index:
+                    deepstack = deepstack + (self.deepstack_merger_list[slot](x),)
+        return self.merger(x), deepstack
+
+
+def pos_embed_interpolation(grid_thw: np.ndarray, num_positions: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear lookup of the learned sqrt(P) x sqrt(P) position table for every patch (HF
+    `fast_pos_embed_interpolate`): ((4, N) int32 table rows, (4, N) float32 weights) for the corners
+    (floor, floor), (floor, ceil), (ceil, floor), (ceil, ceil), in the merge-window-major patch order."""
+    side = int(num_positions**0.5)
+    rows, weights = [], []
+    for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3):
+        hi = np.linspace(0, side - 1, int(h)).astype(np.float32)
+        wi = np.linspace(0, side - 1, int(w)).astype(np.float32)
+        h0, w0 = hi.astype(np.int64), wi.astype(np.int64)
+        h1, w1 = np.minimum(h0 + 1, side - 1), np.minimum(w0 + 1, side - 1)
+        dh, dw = hi - h0.astype(np.float32), wi - w0.astype(np.float32)
+        one = np.float32(1.0)
+        corners = [(h0, w0, one - dh, one - dw), (h0, w1, one - dh, dw), (h1, w0, dh, one - dw), (h1, w1, dh, dw)]
+        idx = np.stack([(a[:, None] * side + b[None, :]) for a, b, _, _ in corners])  # (4, h, w)
+        wgt = np.stack([(u[:, None] * v[None, :]) for _, _, u, v in corners]).astype(np.float32)
+        rows.append(_merge_order(idx, int(t), merge))
+        weights.append(_merge_order(wgt, int(t), merge))
+    return np.concatenate(rows, 1).astype(np.int32), np.concatenate(weights, 1).astype(np.float32)
+
+
+def _merge_order(per_patch: np.ndarray, frames: int, merge: int) -> np.ndarray:
+    """(4, h, w) -> (4, frames*h*w): rows in merge-window-major order, repeated for every frame."""
+    four, h, w = per_patch.shape
+    ordered = per_patch.reshape(four, h // merge, merge, w // merge, merge).transpose(0, 1, 3, 2, 4)
+    return np.tile(ordered.reshape(four, -1), (1, frames))
+
+
+# --------------------------------------------------------------------------------------------------- text
+
+
+class Qwen3VLTextRMSNorm(RMSNorm):
+    """Qwen3 RMSNorm (same maths as the shared RMSNorm)."""
+
+
+class Qwen3VLTextAttention(nn.Cell):
+    def __init__(self, tc: dict[str, Any]) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
+        bias = tc["attention_bias"]
+        self.q_proj = Linear(tc["hidden_size"], self.heads * self.head_dim, bias)
+        self.k_proj = Linear(tc["hidden_size"], self.kv_heads * self.head_dim, bias)
+        self.v_proj = Linear(tc["hidden_size"], self.kv_heads * self.head_dim, bias)
+        self.o_proj = Linear(self.heads * self.head_dim, tc["hidden_size"], bias)
+        self.q_norm = Qwen3VLTextRMSNorm(self.head_dim, tc["rms_norm_eps"])
+        self.k_norm = Qwen3VLTextRMSNorm(self.head_dim, tc["rms_norm_eps"])
+
+    def construct(self, x, mask, cos, sin):
+        b, length, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, length, self.heads, self.head_dim)).swapaxes(1, 2)
+        k = self.k_norm(self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim)).swapaxes(1, 2)
+        v = self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim).swapaxes(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(attention(q, k, v, mask, self.head_dim**-0.5))
+
+
+class Qwen3VLTextMLP(nn.Cell):
+    def __init__(self, tc: dict[str, Any], intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = Linear(tc["hidden_size"], intermediate_size, False)
+        self.up_proj = Linear(tc["hidden_size"], intermediate_size, False)
+        self.down_proj = Linear(intermediate_size, tc["hidden_size"], False)
+        self.act = activation(tc["hidden_act"])
+
+    def construct(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3VLMoeTextExperts(nn.Cell):
+    """Fused expert weights in HF 4.57 layout: gate_up_proj (E, hidden, 2*inter), down_proj (E, inter, hidden)."""
+
+    NORMAL_INIT = ("gate_up_proj", "down_proj")
+
+    def __init__(self, tc: dict[str, Any]) -> None:
+        super().__init__()
+        experts, hidden, inter = tc["num_experts"], tc["hidden_size"], tc["moe_intermediate_size"]
+        self.gate_up_proj = zeros_parameter(experts, hidden, 2 * inter)
+        self.down_proj = zeros_parameter(experts, inter, hidden)
+        self.inter = inter
+        self.act = activation(tc["hidden_act"])
+
+    def construct(self, x, routing):
+        """x (T, hidden), routing (T, E) dense weights (0 for unselected experts) -> (T, hidden)."""
+        gate_up = ops.matmul(x[None], ops.cast(self.gate_up_proj, x.dtype))  # (E, T, 2*inter)
+        hidden = self.act(gate_up[..., : self.inter]) * gate_up[..., self.inter :]
+        out = ops.matmul(hidden, ops.cast(self.down_proj, x.dtype))  # (E, T, hidden)
+        return (out * routing.swapaxes(0, 1)[..., None]).sum(0)
+
+
+class Qwen3VLMoeTextSparseMoeBlock(nn.Cell):
+    """Router softmax (float32) -> top-k -> renormalise to sum 1 (HF always does) -> weighted expert sum."""
+
+    def __init__(self, tc: dict[str, Any]) -> None:
+        super().__init__()
+        self.gate = Linear(tc["hidden_size"], tc["num_experts"], False)
+        self.experts = Qwen3VLMoeTextExperts(tc)
+        self.top_k = tc["num_experts_per_tok"]
+        self.num_experts = tc["num_experts"]
+
+    def construct(self, x):
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        probs = ops.softmax(ops.cast(self.gate(tokens), ms.float32), -1)
+        top, index = ops.topk(probs, self.top_k)
+        top = top / top.sum(-1, keepdims=True)
+        routing = (ops.one_hot(index, self.num_experts, 1.0, 0.0) * top[..., None]).sum(1)
+        return self.experts(tokens, ops.cast(routing, x.dtype)).reshape(shape)
+
+
+class Qwen3VLTextDecoderLayer(nn.Cell):
+    def __init__(self, tc: dict[str, Any], layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = Qwen3VLTextRMSNorm(tc["hidden_size"], tc["rms_norm_eps"])
+        self.self_attn = Qwen3VLTextAttention(tc)
+        self.post_attention_layernorm = Qwen3VLTextRMSNorm(tc["hidden_size"], tc["rms_norm_eps"])
+        sparse = (
+            tc["num_experts"] > 0
+            and layer_index not in (tc["mlp_only_layers"] or [])
+            and (layer_index + 1) % tc["decoder_sparse_step"] == 0
+        )
+        self.mlp = Qwen3VLMoeTextSparseMoeBlock(tc) if sparse else Qwen3VLTextMLP(tc, tc["intermediate_size"])
+
+    def construct(self, x, mask, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3VLTextModel(nn.Cell):
+    def __init__(self, tc: dict[str, Any]) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(tc["vocab_size"], tc["hidden_size"])
+        self.layers = nn.CellList([Qwen3VLTextDecoderLayer(tc, i) for i in range(tc["num_hidden_layers"])])
+        self.norm = Qwen3VLTextRMSNorm(tc["hidden_size"], tc["rms_norm_eps"])
+        rope = tc["rope_scaling"] or {}
+        self.rotary = MRotaryEmbedding(
+            tc["head_dim"], tc["rope_theta"], rope.get("mrope_section", DEFAULT_MROPE_SECTION), interleaved=True
+        )
+
+
+class Qwen3VLModel(nn.Cell):
+    def __init__(self, tc: dict[str, Any], vc: dict[str, Any]) -> None:
+        super().__init__()
+        self.visual = Qwen3VLVisionModel(vc)
+        self.language_model = Qwen3VLTextModel(tc)
+
+
+# -------------------------------------------------------------------------------------------------- model
+
+
+class Qwen3VLForConditionalGeneration(nn.Cell):
+    """Qwen3-VL (dense); the MoE subclass only changes `model_type` (the decoder reads `num_experts`)."""
+
+    model_type = "qwen3_vl"
+
+    def __init__(self, config: dict[str, Any], dtype: str = "float32") -> None:
+        super().__init__()
+        self.config = config
+        tc = _sub_config(config, "text_config", TEXT_DEFAULTS)
+        vc = _sub_config(config, "vision_config", VISION_DEFAULTS)
+        self.model = Qwen3VLModel(tc, vc)
+        self.lm_head = Linear(tc["hidden_size"], tc["vocab_size"], False)
+        if tc["tie_word_embeddings"]:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        self.compute_dtype = DTYPES[dtype]
+        self.image_token_id = int(config.get("image_token_id", tc.get("image_token_id", 151655)))
+        self.video_token_id = int(config.get("video_token_id", tc.get("video_token_id", 151656)))
+        self.merge = vc["spatial_merge_size"]
+        self.vision_head_dim = vc["hidden_size"] // vc["num_heads"]
+        self.num_positions = vc["num_position_embeddings"]
+
+    def enable_recompute(self) -> None:
+        set_recompute(list(self.model.language_model.layers) + list(self.model.visual.blocks))
+
+    def prepare_inputs(self, batch: dict[str, np.ndarray | None]) -> dict[str, Tensor]:
+        """Host-side masks, rotary ids, pos-embed interpolation and scatter indices for one collated batch."""
+        input_ids = np.asarray(batch["input_ids"])
+        bsz, length = input_ids.shape
+        inputs = {
+            "input_ids": Tensor(input_ids.astype(np.int32)),
+            "labels": Tensor(np.asarray(batch["labels"]).astype(np.int32)),
+            "position_ids": Tensor(np.asarray(batch["position_ids"]).astype(np.int32)),
+            "attention_mask": Tensor(
+                text_attention_mask(bsz, length, batch.get("attention_mask"), batch.get("cu_seqlens"))
+            ),
+        }
+        grids, pixels = [], []
+        for grid_key, pixel_key in (("image_grid_thw", "pixel_values"), ("video_grid_thw", "pixel_values_videos")):
+            if batch.get(grid_key) is None or batch.get(pixel_key) is None:
+                grids.append(np.zeros((0, 3), np.int64))
+                pixels.append(np.zeros((0, 1), np.float32))
+            else:
+                grids.append(np.asarray(batch[grid_key], np.int64).reshape(-1, 3))
+                pixels.append(np.asarray(batch[pixel_key], np.float32))
+        n_merged = [int(g.prod(-1).sum()) // self.merge**2 for g in grids]
+        index, slots = vision_scatter_index(input_ids, self.image_token_id, self.video_token_id, *n_merged)
+        if sum(n_merged) == 0:
+            return inputs
+        grid = np.concatenate(grids)
+        n_patches = int(grid.prod(-1).sum())
+        pixel_values = np.concatenate([p for g, p in zip(grids, pixels) if len(g)])
+        if len(pixel_values) != n_patches:
+            raise ValueError(f"{len(pixel_values)} rows of pixel values but the grids hold {n_patches} patches")
+        cos, sin = vision_rope_cos_sin(vision_rope_ids(grid, self.merge), self.vision_head_dim)
+        pos_index, pos_weight = pos_embed_interpolation(grid, self.num_positions, self.merge)
+        inputs.update(
+            pixel_values=Tensor(pixel_values),
+            vision_mask=Tensor(block_attention_mask(frame_cu_seqlens(grid), n_patches)),
+            vision_cos=Tensor(cos[:, None]),
+            vision_sin=Tensor(sin[:, None]),
+            pos_index=Tensor(pos_index),
+            pos_weight=Tensor(pos_weight),
+            vision_index=Tensor(index),
+            vision_slots=Tensor(slots),
+        )
+        return inputs
+
+    def _hidden(self, input_ids, position_ids, attention_mask, pixel_values, vision_mask, vision_cos, vision_sin,
+                pos_index, pos_weight, vision_index, vision_slots):  # fmt: skip
+        lm = self.model.language_model
+        x = ops.cast(lm.embed_tokens(input_ids), self.compute_dtype)
+        deepstack = ()
+        if pixel_values is not None:
+            feats, deep = self.model.visual(
+                ops.cast(pixel_values, self.compute_dtype), vision_mask, vision_cos, vision_sin, pos_index, pos_weight
+            )
+            slots = ops.cast(vision_slots, ms.bool_)
+            x = ops.select(slots, ops.gather(feats, vision_index, 0), x)
+            weight = ops.cast(vision_slots, x.dtype)
+            for feature in deep:
+                deepstack = deepstack + (ops.gather(feature, vision_index, 0) * weight,)
+        cos, sin = lm.rotary(position_ids)
+        cos, sin = cos[:, None], sin[:, None]
+        for index, layer in enumerate(lm.layers):
+            x = layer(x, attention_mask, cos, sin)
+            if index < len(deepstack):
+                x = x + deepstack[index]
+        return lm.norm(x)
+
+    def logits(self, input_ids, labels, position_ids, attention_mask=None, pixel_values=None, vision_mask=None,
+               vision_cos=None, vision_sin=None, pos_index=None, pos_weight=None, vision_index=None,
+               vision_slots=None):  # fmt: skip
+        """(B, L, vocab) float32 logits."""
+        hidden = self._hidden(input_ids, position_ids, attention_mask, pixel_values, vision_mask, vision_cos,
+                              vision_sin, pos_index, pos_weight, vision_index, vision_slots)  # fmt: skip
+        return ops.cast(self.lm_head(hidden), ms.float32)
+
+    def construct(self, input_ids, labels, position_ids, attention_mask=None, pixel_values=None, vision_mask=None,
+                  vision_cos=None, vision_sin=None, pos_index=None, pos_weight=None, vision_index=None,
+                  vision_slots=None):  # fmt: skip
+        """(loss_sum, n_tokens): summed shifted cross-entropy over supervised targets and their count."""
+        logits = self.logits(input_ids, labels, position_ids, attention_mask, pixel_values, vision_mask, vision_cos,
+                             vision_sin, pos_index, pos_weight, vision_index, vision_slots)  # fmt: skip
+        return causal_lm_loss_sum(logits, labels)
+
+
+class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """Qwen3-VL-MoE: same towers; decoder layers hold `Qwen3VLMoeTextSparseMoeBlock` MLPs."""
+
+    model_type = "qwen3_vl_moe"

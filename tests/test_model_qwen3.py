@@ -1,0 +1,290 @@
+"""Native Qwen3-VL / Qwen3-VL-MoE equal `transformers` 4.57 run under mindnlp (the reference).
+
+mindnlp patches MindSpore's Tensor globally, so the reference runs in a subprocess (this file's `__main__`)
+on the same weights and batches; it returns logits, token-mean loss and every parameter gradient.
+Cases: text (padded batch), one image, two images in a batch, image + video (one vision block per
+temporal group with timestamp text), and a packed row (cu_seqlens) equal to its samples run one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mindspore as ms  # noqa: E402
+from mindspore import Tensor  # noqa: E402
+
+from qwenvl.data.rope2d import get_rope_index_3  # noqa: E402
+from qwenvl.model.layers import init_parameters  # noqa: E402
+from qwenvl.model.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration  # noqa: E402
+from tools.make_tiny_model import tiny_config  # noqa: E402
+
+IDS = {"image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3, "vision_end_token_id": 4,
+       "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "vocab_size": 128}  # fmt: skip
+IMAGE, VIDEO, START, END = 5, 6, 3, 4
+PATCH_DIM = 3 * 2 * 16 * 16
+HF_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "image_grid_thw",
+           "pixel_values_videos", "video_grid_thw")  # fmt: skip
+FAMILIES = {"qwen3vl": Qwen3VLForConditionalGeneration, "qwen3vl_moe": Qwen3VLMoeForConditionalGeneration}
+
+
+def _config(family: str) -> dict:
+    cfg = tiny_config(family, IDS)
+    # mindtorch mis-sizes a strided slice assignment that runs past the end (HF's interleaved mRoPE with
+    # 3 * section > head_dim / 2), so the reference needs sections within bounds: 4 + 2 + 2 = 16 / 2.
+    cfg["text_config"]["rope_scaling"]["mrope_section"] = [4, 2, 2]
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+def _row(rng: np.random.Generator, parts: list) -> list[int]:
+    """Tokens from parts: an int is that many random text tokens, ("image"|"video", t, h, w) a vision block."""
+    tokens: list[int] = []
+    for part in parts:
+        if isinstance(part, int):
+            tokens += [int(x) for x in rng.integers(10, 128, part)]
+        elif part[0] == "image":
+            tokens += [START] + [IMAGE] * (part[1] * part[2] * part[3] // 4) + [END]
+        else:  # Qwen3 video: per temporal group, timestamp text then its own vision block
+            for _ in range(part[1]):
+                stamp = [int(x) for x in rng.integers(10, 128, 2)]
+                tokens += stamp + [START] + [VIDEO] * (part[2] * part[3] // 4) + [END]
+    return tokens
+
+
+def _batch(rng: np.random.Generator, rows: list[list]) -> dict[str, np.ndarray]:
+    """A right-padded batch with labels (prompt and vision tokens unsupervised) and Qwen3 mRoPE positions."""
+    token_rows = [_row(rng, parts) for parts in rows]
+    length = max(len(r) for r in token_rows)
+    input_ids = np.zeros((len(rows), length), np.int64)
+    mask = np.zeros((len(rows), length), bool)
+    for b, r in enumerate(token_rows):
+        input_ids[b, : len(r)], mask[b, : len(r)] = r, True
+    labels = np.where(mask & (input_ids != IMAGE) & (input_ids != VIDEO), input_ids, -100)
+    labels[:, :3] = -100
+    grids = {kind: np.array([p[1:] for parts in rows for p in parts if not isinstance(p, int) and p[0] == kind],
+                            np.int64).reshape(-1, 3) for kind in ("image", "video")}  # fmt: skip
+    batch = {"input_ids": input_ids, "labels": labels}
+    if not mask.all():
+        batch["attention_mask"] = mask
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if len(grids[kind]):
+            batch[f"{kind}_grid_thw"] = grids[kind]
+            batch[key] = rng.standard_normal((int(grids[kind].prod(-1).sum()), PATCH_DIM)).astype(np.float32)
+    batch["position_ids"], _ = get_rope_index_3(
+        2, input_ids, batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("attention_mask"),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START,
+    )  # fmt: skip
+    return batch
+
+
+def _cases() -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return {
+        "text": _batch(rng, [[14], [9]]),
+        "image": _batch(rng, [[5, ("image", 1, 4, 8), 7]]),
+        "two_images": _batch(rng, [[3, ("image", 1, 4, 4), 6], [2, ("image", 1, 6, 4), 4, ("image", 1, 2, 2), 3]]),
+        "video": _batch(rng, [[4, ("video", 3, 4, 2), 5]]),
+        "short_text": _batch(rng, [[10]]),
+        "image_video": _batch(rng, [[4, ("image", 1, 2, 4), 3, ("video", 2, 4, 4), 5]]),
+    }
+
+
+def _packed(cases: dict[str, dict[str, np.ndarray]], names: list[str], pad: int) -> dict[str, np.ndarray]:
+    """Single-row samples concatenated into one row (plus `pad` padding tokens as a last segment)."""
+    parts = [cases[n] for n in names]
+    lengths = [p["input_ids"].shape[1] for p in parts] + [pad]
+    batch = {
+        "input_ids": np.concatenate([p["input_ids"] for p in parts] + [np.zeros((1, pad), np.int64)], 1),
+        "labels": np.concatenate([p["labels"] for p in parts] + [np.full((1, pad), -100)], 1),
+        "position_ids": np.concatenate([p["position_ids"] for p in parts] + [np.zeros((3, 1, pad), np.int64)], 2),
+        "cu_seqlens": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
+    }
+    for key in ("image_grid_thw", "pixel_values", "video_grid_thw", "pixel_values_videos"):
+        present = [p[key] for p in parts if key in p]
+        if present:
+            batch[key] = np.concatenate(present)
+    return batch
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def _patch_mindtorch(torch, text_model_cls) -> None:
+    """Work around three mindtorch (CPU) defects the HF code hits, each replaced by the same maths:
+    `.to(device)` onto the current CPU device round-trips through numpy and drops the gradient;
+    `masked_scatter` gives its source no gradient; assignment through a 2-D boolean index is unsupported
+    (HF deepstack `hidden[mask, :] = hidden[mask, :] + embeds`)."""
+    move_to = torch.Tensor._move_to
+
+    def same_device_move(self, device, non_blocking=False):
+        return self if getattr(self, "_device", None) == device else move_to(self, device, non_blocking)
+
+    def masked_scatter(self, mask, source):
+        mask = mask.expand_as(self)
+        index = (mask.reshape(-1).long().cumsum(0) - 1).clamp(min=0)
+        return torch.where(mask, source.reshape(-1)[index].reshape(self.shape), self)
+
+    def deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        index = torch.nonzero(visual_pos_masks.reshape(-1)).reshape(-1)
+        return flat.index_add(0, index, visual_embeds.to(flat.dtype)).reshape(hidden_states.shape)
+
+    torch.Tensor._move_to = same_device_move
+    torch.Tensor.masked_scatter = masked_scatter
+    text_model_cls._deepstack_process = deepstack_process
+
+
+def _reference_main(work: Path) -> None:
+    """Subprocess entry: HF model from work/config.json + weights.npz; per case logits, loss, gradients."""
+    import mindnlp  # noqa: F401  (maps torch / transformers onto MindSpore)
+    import mindtorch
+    import torch
+    import transformers
+
+    cfg = json.loads((work / "config.json").read_text())
+    prefix = {"qwen3_vl": "Qwen3VL", "qwen3_vl_moe": "Qwen3VLMoe"}[cfg["model_type"]]
+
+    _patch_mindtorch(torch, getattr(transformers, f"{prefix}TextModel"))
+    config = getattr(transformers, f"{prefix}Config")(**cfg)
+    config._attn_implementation = "eager"
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    weights = np.load(work / "weights.npz")
+    model.load_state_dict({k: torch.tensor(weights[k]) for k in weights.files}, strict=True)
+    model.eval()  # mindtorch cannot run the MoE training loop (2-D @ 3-D matmul); eval is the same maths
+    names, params = zip(*model.named_parameters())
+    stored = np.load(work / "cases.npz")
+    results = {}
+    for case in sorted({k.split("/")[0] for k in stored.files}):
+        kwargs = {k: torch.tensor(stored[f"{case}/{k}"]) for k in HF_KEYS if f"{case}/{k}" in stored.files}
+
+        def loss_and_logits(kwargs=kwargs):
+            out = model(**kwargs)
+            return out.loss, out.logits
+
+        (loss, logits), grads = mindtorch.autograd.value_and_grad(loss_and_logits, params, has_aux=True,
+                                                                  attach_grads=False)()  # fmt: skip
+        results[f"{case}/loss"] = np.asarray(loss.asnumpy())
+        results[f"{case}/logits"] = logits.asnumpy()
+        for name, grad in zip(names, grads):
+            results[f"{case}/grad/{name}"] = grad.asnumpy()
+    np.savez(work / "results.npz", **results)
+
+
+def _run_reference(work: Path, model, cases: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    (work / "config.json").write_text(json.dumps(model.config))
+    np.savez(work / "weights.npz", **{n: p.asnumpy() for n, p in model.parameters_and_names()})
+    np.savez(work / "cases.npz", **{f"{c}/{k}": v for c, b in cases.items() for k, v in b.items()})
+    proc = subprocess.run([sys.executable, __file__, str(work)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return dict(np.load(work / "results.npz"))
+
+
+# ---------------------------------------------------------------------------------------------- native
+
+
+def _native(model, batch):
+    """(logits, loss_sum, n_tokens, {name: grad of loss_sum / n_tokens}) of our model in PyNative mode."""
+    inputs = model.prepare_inputs(batch)
+    params = model.trainable_params()
+
+    def mean_loss(*args):
+        loss_sum, n_tokens = model(**dict(zip(inputs, args)))
+        return loss_sum / n_tokens, (loss_sum, n_tokens)
+
+    (_, (loss_sum, n_tokens)), grads = ms.value_and_grad(mean_loss, None, params, has_aux=True)(*inputs.values())
+    logits = model.logits(**inputs).asnumpy()
+    names = [n for n, _ in model.parameters_and_names()]
+    return logits, float(loss_sum.asnumpy()), float(n_tokens.asnumpy()), dict(zip(names, [g.asnumpy() for g in grads]))
+
+
+def _assert_grads_close(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], rel: float = 1e-4) -> None:
+    for name, grad in ref.items():
+        scale = max(float(np.abs(grad).max()), 1e-8)
+        err = float(np.abs(ours[name] - grad).max()) / scale
+        assert err <= rel, f"gradient of {name}: max |diff| / max |ref| = {err:.2e}"
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def setup(request, tmp_path_factory):
+    """(model, cases, reference results) for one family, the reference computed once per module."""
+    cfg = _config(request.param)
+    model = FAMILIES[request.param](cfg)
+    init_parameters(model, seed=0, std=0.02)
+    cases = _cases()
+    ref = _run_reference(tmp_path_factory.mktemp(request.param), model, cases)
+    return model, cases, ref
+
+
+def _ref_grads(ref: dict[str, np.ndarray], case: str) -> dict[str, np.ndarray]:
+    head = f"{case}/grad/"
+    return {k[len(head):]: v for k, v in ref.items() if k.startswith(head)}
+
+
+@pytest.mark.parametrize("case", ["text", "image", "two_images", "video"])
+def test_parity_with_transformers(setup, case):
+    model, cases, ref = setup
+    batch = cases[case]
+    logits, loss_sum, n_tokens, grads = _native(model, batch)
+    valid = batch.get("attention_mask", np.ones(batch["input_ids"].shape, bool))
+    np.testing.assert_allclose(logits[valid], ref[f"{case}/logits"][valid], rtol=0, atol=1e-5)
+    assert n_tokens == int((batch["labels"][:, 1:] != -100).sum())
+    np.testing.assert_allclose(loss_sum / n_tokens, ref[f"{case}/loss"], rtol=1e-4)
+    _assert_grads_close(grads, _ref_grads(ref, case))
+
+
+def test_image_and_video_in_one_sample(setup):
+    """Logits and loss only: with both kinds HF joins the deepstack features by boolean-index assignment,
+    through which mindtorch passes no gradient. The packed test checks that gradient (image and video samples
+    in one row are one vision pass for us, separate HF runs for the reference)."""
+    model, cases, ref = setup
+    logits, loss_sum, n_tokens, _ = _native(model, cases["image_video"])
+    np.testing.assert_allclose(logits, ref["image_video/logits"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(loss_sum / n_tokens, ref["image_video/loss"], rtol=1e-4)
+
+
+def test_packed_row_equals_samples_one_by_one(setup):
+    """One flattened row (cu_seqlens, trailing padding segment) == HF on each sample: logits per segment,
+    summed loss, and the gradient of the summed loss."""
+    model, cases, ref = setup
+    names = ["image", "short_text", "video"]
+    logits, loss_sum, n_tokens, grads = _native(model, _packed(cases, names, pad=3))
+    start, ref_loss_sum, ref_grads = 0, 0.0, {}
+    for name in names:
+        n_i = int((cases[name]["labels"][:, 1:] != -100).sum())
+        length = cases[name]["input_ids"].shape[1]
+        np.testing.assert_allclose(logits[:, start : start + length], ref[f"{name}/logits"], rtol=0, atol=1e-5)
+        ref_loss_sum += float(ref[f"{name}/loss"]) * n_i
+        for key, grad in _ref_grads(ref, name).items():
+            ref_grads[key] = ref_grads.get(key, 0.0) + grad * (n_i / n_tokens)
+        start += length
+    np.testing.assert_allclose(loss_sum, ref_loss_sum, rtol=1e-4)
+    _assert_grads_close(grads, ref_grads)
+
+
+def test_prepare_inputs_rejects_pad_count_mismatch():
+    model = Qwen3VLForConditionalGeneration(_config("qwen3vl"))
+    batch = _cases()["image"]
+    batch["input_ids"] = np.where(np.cumsum(batch["input_ids"] == IMAGE, 1) == 1, 7, batch["input_ids"])
+    with pytest.raises(ValueError, match="image pad tokens"):
+        model.prepare_inputs(batch)
+
+
+def _main() -> None:
+    _reference_main(Path(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    _main()
