@@ -8,6 +8,7 @@ temporal group with timestamp text), and a packed row (cu_seqlens) equal to its 
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -272,6 +273,27 @@ def test_packed_row_equals_samples_one_by_one(setup):
         start += length
     np.testing.assert_allclose(loss_sum, ref_loss_sum, rtol=1e-4)
     _assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_compiled_step_with_recompute_equals_pynative(family):
+    """`mindspore.jit(value_and_grad(construct))` compiles on CPU (recompute on) and equals PyNative."""
+    model = FAMILIES[family](_config(family))
+    init_parameters(model, seed=1, std=0.02)
+    inputs = model.prepare_inputs(_cases()["image_video"])
+    args = [inputs[name] for name in inspect.signature(model.construct).parameters if name in inputs]
+
+    def mean_loss(*args):
+        loss_sum, n_tokens = model(*args)
+        return loss_sum / n_tokens, n_tokens
+
+    step = ms.value_and_grad(mean_loss, None, model.trainable_params(), has_aux=True)
+    (loss, _), grads = step(*args)
+    model.enable_recompute()
+    (jit_loss, _), jit_grads = ms.jit(step)(*args)
+    np.testing.assert_allclose(jit_loss.asnumpy(), loss.asnumpy(), rtol=1e-6)
+    for grad, jit_grad in zip(grads, jit_grads):
+        np.testing.assert_allclose(jit_grad.asnumpy(), grad.asnumpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_prepare_inputs_rejects_pad_count_mismatch():
