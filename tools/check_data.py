@@ -1,0 +1,359 @@
+"""Check annotation files before training: every problem found at once, with where it is.
+
+    python tools/check_data.py data/train.jsonl data/val.json --model_path Qwen2.5-VL-3B-Instruct
+    python tools/check_data.py --dataset_use my_set,other%50 --dataset_registry registry.json \\
+        --model_path DIR --model_max_length 4096 --pack_length 8192 --max_pixels 1003520
+
+Per sample: JSON validity (a malformed JSONL line is reported with its line number and the other lines
+are still checked), the sample structure (a `conversations` list of turns with from/value or
+role/content, an assistant turn), `<image>`/`<video>` tags in the prompts equal to the number of media
+files, no media tag inside an assistant answer, every image present and decodable (PIL verify + load),
+every video present and decodable with decord (the frames training samples are decoded, by the
+model's rule, or Qwen2.5-VL's default rule without --model_path; frame count and fps are reported).
+With --model_path, the token length of each valid sample is counted by the training pipeline itself
+(same tokenizer, template and pixel/video flags as train_qwen.py; no pixel decoding needed) and
+summarised: min/median/p95/max, how many exceed --model_max_length and --pack_length, and a text
+histogram. Every sample of a file is checked, whatever its %N rate.
+
+Writes `<stem>_valid.json` (the valid samples, unchanged) and `<stem>_problems.json` (a list of
+{index, line (JSONL only), kind, reason}; index is the 0-based sample position in the file) beside each
+input, or in --output_dir. Exit code: 0 no problem, 1 problems found, 2 the check could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwenvl.cli_args import dataclass_from_args  # noqa: E402
+from qwenvl.constants import IMAGE_TAG, VIDEO_TAG  # noqa: E402
+from qwenvl.data import data_list, load_registry_file  # noqa: E402
+from qwenvl.data.annotations import AnnotationRecord, Sample, parse_record  # noqa: E402
+from qwenvl.data.arguments import DataArguments  # noqa: E402
+from qwenvl.data.errors import SampleError  # noqa: E402
+from qwenvl.data.image_processing import VisionSettings  # noqa: E402
+from qwenvl.data.pipeline import add_data_flags, build_encoder  # noqa: E402
+from qwenvl.data.video_processing import read_video  # noqa: E402
+
+PROBLEM_KINDS = (
+    "annotation_file",
+    "malformed_json",
+    "structure",
+    "tag_count",
+    "tag_in_answer",
+    "missing_media",
+    "corrupt_media",
+    "token_count",
+)
+HISTOGRAM_BINS = 10
+_DECORD_LOCATION = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")  # "[09:49:08] src/x.cc:292: " in decord messages
+HISTOGRAM_WIDTH = 40
+
+
+@dataclass
+class Problem:
+    index: int | None
+    line: int | None
+    kind: str
+    reason: str
+
+    def to_json(self) -> dict:
+        entry: dict = {"index": self.index}
+        if self.line is not None:
+            entry["line"] = self.line
+        return {**entry, "kind": self.kind, "reason": self.reason}
+
+
+@dataclass
+class Entry:
+    """One raw item of an annotation file: its sample position, its JSONL line, and the parsed JSON."""
+
+    index: int
+    line: int | None
+    item: object
+
+
+@dataclass
+class DatasetReport:
+    name: str
+    file: Path
+    data_path: str
+    sampling_rate: float
+    n_samples: int = 0
+    valid: list = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    videos: list[tuple[int, float]] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("annotations", nargs="*", help=".json/.jsonl annotation files (media relative to their folder or --data_path)")
+    parser.add_argument("--data_path", default=None, help="media folder for the annotation files given as arguments")
+    parser.add_argument("--dataset_use", default="", help="registered names or annotation paths, as train_qwen.py (%%N accepted)")
+    parser.add_argument("--dataset_registry", default=None, help="registry file for --dataset_use, as train_qwen.py")
+    parser.add_argument("--model_path", "-m", default=None, help="model folder: token lengths with its tokenizer and processor settings")
+    parser.add_argument("--model_max_length", type=int, default=None, help="report samples longer than this")
+    parser.add_argument("--pack_length", type=int, default=None, help="report samples longer than this pack length")
+    parser.add_argument("--output_dir", default=None, help="where <stem>_valid.json and <stem>_problems.json go (default: beside each input)")
+    parser.add_argument("--show", type=int, default=10, help="problems printed per dataset (default: 10; all are in the problems file)")
+    add_data_flags(parser)
+    args = parser.parse_args(argv)
+    if not args.annotations and not args.dataset_use:
+        parser.error("give annotation files, --dataset_use, or both")
+    return args
+
+
+def dataset_configs(args: argparse.Namespace) -> list[dict]:
+    """Positional files and --dataset_use entries resolved like training; each file once."""
+    configs = []
+    for path in args.annotations:
+        data_path = args.data_path if args.data_path is not None else str(Path(path).resolve().parent)
+        configs.append({"name": path, "annotation_path": path, "data_path": data_path, "sampling_rate": 1.0})
+    if args.dataset_use:
+        registry = load_registry_file(args.dataset_registry) if args.dataset_registry else None
+        configs.extend(data_list(args.dataset_use, registry))
+    unique = {}
+    for config in configs:
+        unique.setdefault(str(Path(str(config["annotation_path"])).resolve()), config)
+    return list(unique.values())
+
+
+def read_entries(path: Path) -> tuple[list[Entry], list[Problem]]:
+    """Raw items of a JSON list or a JSONL file; JSONL lines that do not parse are problems, not stops."""
+    if not path.is_file():
+        return [], [Problem(None, None, "annotation_file", f"annotation file not found: {path}")]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return [], [Problem(None, None, "annotation_file", f"cannot read {path}: {exc}")]
+    if path.suffix == ".jsonl":
+        entries, problems = [], []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            index = len(entries) + len(problems)
+            try:
+                entries.append(Entry(index, line_no, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                problems.append(Problem(index, line_no, "malformed_json", f"malformed JSON: {exc.msg} at column {exc.colno}"))
+        return entries, problems
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = " (one sample per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
+        return [], [Problem(None, None, "malformed_json", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}{hint}")]
+    if not isinstance(items, list):
+        return [], [Problem(None, None, "annotation_file", "a JSON annotation file must hold a list of samples")]
+    return [Entry(i, None, item) for i, item in enumerate(items)], []
+
+
+class MediaChecker:
+    """Decodes each media file once, however many samples use it; remembers the outcome."""
+
+    def __init__(self, settings: VisionSettings):
+        self.settings = settings
+        self._images: dict[str, Problem | None] = {}
+        self._videos: dict[str, tuple[Problem | None, tuple[int, float] | None]] = {}
+
+    def image(self, path: str) -> Problem | None:
+        if path not in self._images:
+            self._images[path] = self._check_image(path)
+        return self._images[path]
+
+    def video(self, path: str) -> tuple[Problem | None, tuple[int, float] | None]:
+        """(problem, (frames, fps))."""
+        if path not in self._videos:
+            self._videos[path] = self._check_video(path)
+        return self._videos[path]
+
+    @staticmethod
+    def _check_image(path: str) -> Problem | None:
+        if not Path(path).is_file():
+            return Problem(None, None, "missing_media", f"image not found: {path}")
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            with Image.open(path) as image:
+                image.load()
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            return Problem(None, None, "corrupt_media", f"cannot decode image {path}: {type(exc).__name__}: {exc}")
+        return None
+
+    def _check_video(self, path: str) -> tuple[Problem | None, tuple[int, float] | None]:
+        if not Path(path).is_file():
+            return Problem(None, None, "missing_media", f"video not found: {path}"), None
+        try:
+            clip = read_video(path, self.settings)
+        except Exception as exc:  # decord raises its own error types besides the pipeline's ValueError
+            reason = (_DECORD_LOCATION.sub("", str(exc)).strip().splitlines() or [type(exc).__name__])[0]
+            if path not in reason:
+                reason = f"cannot decode video {path}: {reason}"
+            return Problem(None, None, "corrupt_media", reason), None
+        return None, (clip.meta.total_frames, clip.meta.fps)
+
+
+def _structure_kind(error: SampleError) -> str:
+    return "tag_count" if "tag(s) in the prompt" in error.reason else "structure"
+
+
+def _answer_tags(samples: list[Sample]) -> list[str]:
+    found = []
+    for sample in samples:
+        for role, text in sample.messages:
+            if role == "assistant":
+                found.extend(tag for tag in (IMAGE_TAG, VIDEO_TAG) if tag in text and tag not in found)
+    return found
+
+
+def check_entry(entry: Entry, report: DatasetReport, media: MediaChecker, encoder) -> list[Problem]:
+    """Every problem of one item (a sample, or a pre-packed list of samples); records its length when valid."""
+    record = AnnotationRecord(entry.item, report.data_path, str(report.file), entry.index)
+    try:
+        samples = parse_record(record)
+    except SampleError as exc:
+        return [Problem(entry.index, entry.line, _structure_kind(exc), exc.reason)]
+    problems = []
+    tags = _answer_tags(samples)
+    if tags:
+        problems.append(Problem(entry.index, entry.line, "tag_in_answer", f"{', '.join(tags)} in an assistant answer"))
+    for sample in samples:
+        found = [media.image(path) for path in sample.images]
+        for path in sample.videos:
+            problem, info = media.video(path)
+            found.append(problem)
+            if info is not None:
+                report.videos.append(info)
+        problems.extend(Problem(entry.index, entry.line, p.kind, p.reason) for p in found if p is not None)
+    if problems or encoder is None:
+        return problems
+    try:
+        report.lengths.append(sum(encoder.count_tokens(sample) for sample in samples))
+    except Exception as exc:  # SampleError from the pipeline, or a decoder's own error type
+        problems.append(Problem(entry.index, entry.line, "token_count", getattr(exc, "reason", str(exc))))
+    return problems
+
+
+def check_dataset(config: dict, media: MediaChecker, encoder) -> DatasetReport:
+    file = Path(str(config["annotation_path"]))
+    report = DatasetReport(str(config["name"]), file, str(config.get("data_path") or ""), float(config.get("sampling_rate", 1.0)))
+    entries, report.problems = read_entries(file)
+    report.n_samples = len(entries) + sum(p.index is not None for p in report.problems)
+    for entry in entries:
+        problems = check_entry(entry, report, media, encoder)
+        if problems:
+            report.problems.extend(problems)
+        else:
+            report.valid.append(entry.item)
+    report.problems.sort(key=lambda p: (-1 if p.index is None else p.index))
+    return report
+
+
+def output_paths(report: DatasetReport, output_dir: str | None, taken: set[str]) -> tuple[Path, Path]:
+    """`<stem>_valid.json` and `<stem>_problems.json`; a stem already used in --output_dir gets a number."""
+    folder = Path(output_dir) if output_dir else report.file.parent
+    stem, number = report.file.stem, 2
+    while str(folder / stem) in taken:
+        stem, number = f"{report.file.stem}_{number}", number + 1
+    taken.add(str(folder / stem))
+    return folder / f"{stem}_valid.json", folder / f"{stem}_problems.json"
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    values = np.asarray(lengths)
+    return {
+        "min": int(values.min()),
+        "median": float(np.median(values)),
+        "p95": float(np.percentile(values, 95)),
+        "max": int(values.max()),
+    }
+
+
+def histogram(lengths: list[int]) -> list[str]:
+    """Equal-width bins over [min, max], one '#' bar per bin scaled to the fullest bin."""
+    counts, edges = np.histogram(lengths, bins=HISTOGRAM_BINS if max(lengths) > min(lengths) else 1)
+    top = max(counts)
+    lines = []
+    for count, low, high in zip(counts, edges[:-1], edges[1:]):
+        bar = "#" * int(round(HISTOGRAM_WIDTH * count / top))
+        lines.append(f"  {int(np.ceil(low)):>8} - {int(np.floor(high)):>8} | {bar} {count}")
+    return lines
+
+
+def summary_table(reports: list[DatasetReport], args: argparse.Namespace) -> list[str]:
+    headers = ["dataset", "samples", "valid", "problems", "min", "median", "p95", "max"]
+    headers += [f">{args.model_max_length}" if args.model_max_length else ">max_len", f">{args.pack_length}" if args.pack_length else ">pack"]
+    rows = []
+    for report in reports:
+        row = [report.name, report.n_samples, len(report.valid), len(report.problems)]
+        if report.lengths:
+            stats = length_stats(report.lengths)
+            row += [stats["min"], f"{stats['median']:.0f}", f"{stats['p95']:.0f}", stats["max"]]
+        else:
+            row += ["-"] * 4
+        for limit in (args.model_max_length, args.pack_length):
+            row.append(sum(n > limit for n in report.lengths) if limit and report.lengths else "-")
+        rows.append([str(x) for x in row])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def describe(report: DatasetReport, show: int) -> list[str]:
+    """Problem kinds, the first problems, video facts and the length histogram of one dataset."""
+    lines = [f"== {report.name} ({report.file}; media in {report.data_path or '.'}; training rate {report.sampling_rate:g})"]
+    kinds = {kind: sum(p.kind == kind for p in report.problems) for kind in PROBLEM_KINDS}
+    if report.problems:
+        lines.append("problems: " + ", ".join(f"{kind} {n}" for kind, n in kinds.items() if n))
+        for problem in report.problems[:show]:
+            where = f"sample {problem.index}" if problem.index is not None else "file"
+            where += f" (line {problem.line})" if problem.line is not None else ""
+            lines.append(f"  {where}: [{problem.kind}] {problem.reason}")
+        if len(report.problems) > show:
+            lines.append(f"  ... {len(report.problems) - show} more in the problems file")
+    if report.videos:
+        frames = [f for f, _ in report.videos]
+        fps = [r for _, r in report.videos]
+        lines.append(f"videos: {len(report.videos)} uses, frames {min(frames)}..{max(frames)}, fps {min(fps):.2f}..{max(fps):.2f}")
+    if report.lengths:
+        lines.append("token lengths:")
+        lines.extend(histogram(report.lengths))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data_args = dataclass_from_args(DataArguments, args)
+    try:
+        configs = dataset_configs(args)
+        encoder = build_encoder(args.model_path, data_args, args.model_max_length) if args.model_path else None
+    except (OSError, ValueError) as exc:
+        print(f"[check_data] error: {exc}", file=sys.stderr)
+        return 2
+    media = MediaChecker(encoder.settings if encoder else VisionSettings.for_family("qwen2.5vl"))
+    reports = [check_dataset(config, media, encoder) for config in configs]
+    taken: set[str] = set()
+    for report in reports:
+        print("\n".join(describe(report, args.show)))
+        valid_path, problems_path = output_paths(report, args.output_dir, taken)
+        valid_path.parent.mkdir(parents=True, exist_ok=True)
+        valid_path.write_text(json.dumps(report.valid, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        problems_path.write_text(json.dumps([p.to_json() for p in report.problems], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {valid_path} ({len(report.valid)} samples) and {problems_path} ({len(report.problems)} problems)\n")
+    print("\n".join(summary_table(reports, args)))
+    if encoder is None:
+        print("(token lengths need --model_path)")
+    return 1 if any(report.problems for report in reports) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
