@@ -169,3 +169,13 @@ def test_help_documents_the_tool():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "check_data.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "_problems.json" in result.stdout and "--max_pixels" in result.stdout
+
+
+def test_parallel_media_checks_give_the_same_report(dataset, tmp_path):
+    path, _ = dataset
+    outputs = []
+    for workers in ("1", "2"):
+        out_dir = tmp_path / f"workers{workers}"
+        assert check_data.main([str(path), "--num_workers", workers, "--output_dir", str(out_dir)]) == 1
+        outputs.append([(out_dir / f"train_{kind}.json").read_text() for kind in ("valid", "problems")])
+    assert outputs[0] == outputs[1]

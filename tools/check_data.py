@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import re
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,8 +58,8 @@ PROBLEM_KINDS = (
     "token_count",
 )
 HISTOGRAM_BINS = 10
-_DECORD_LOCATION = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")  # "[09:49:08] src/x.cc:292: " in decord messages
 HISTOGRAM_WIDTH = 40
+_DECORD_LOCATION = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")  # "[09:49:08] src/x.cc:292: " in decord messages
 
 
 @dataclass
@@ -105,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_max_length", type=int, default=None, help="report samples longer than this")
     parser.add_argument("--pack_length", type=int, default=None, help="report samples longer than this pack length")
     parser.add_argument("--output_dir", default=None, help="where <stem>_valid.json and <stem>_problems.json go (default: beside each input)")
+    parser.add_argument("--num_workers", type=int, default=1, help="processes decoding media files (default: 1)")
     parser.add_argument("--show", type=int, default=10, help="problems printed per dataset (default: 10; all are in the problems file)")
     add_data_flags(parser)
     args = parser.parse_args(argv)
@@ -157,49 +161,77 @@ def read_entries(path: Path) -> tuple[list[Entry], list[Problem]]:
     return [Entry(i, None, item) for i, item in enumerate(items)], []
 
 
+@dataclass(frozen=True)
+class MediaResult:
+    """Outcome of decoding one media file: a problem kind and reason, or the video's frames and fps."""
+
+    kind: str | None = None
+    reason: str = ""
+    frames: int | None = None
+    fps: float | None = None
+
+
+def check_image(path: str) -> MediaResult:
+    if not Path(path).is_file():
+        return MediaResult("missing_media", f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return MediaResult("corrupt_media", f"cannot decode image {path}: {type(exc).__name__}: {exc}")
+    return MediaResult()
+
+
+def check_video(path: str, settings: VisionSettings) -> MediaResult:
+    """Open with decord and decode the frames training would sample."""
+    if not Path(path).is_file():
+        return MediaResult("missing_media", f"video not found: {path}")
+    try:
+        clip = read_video(path, settings)
+    except Exception as exc:  # decord raises its own error types besides the pipeline's ValueError
+        reason = (_DECORD_LOCATION.sub("", str(exc)).strip().splitlines() or [type(exc).__name__])[0]
+        if path not in reason:
+            reason = f"cannot decode video {path}: {reason}"
+        return MediaResult("corrupt_media", reason)
+    return MediaResult(frames=clip.meta.total_frames, fps=clip.meta.fps)
+
+
+def check_media(kind: str, path: str, settings: VisionSettings) -> MediaResult:
+    return check_image(path) if kind == "image" else check_video(path, settings)
+
+
 class MediaChecker:
-    """Decodes each media file once, however many samples use it; remembers the outcome."""
+    """Decodes each media file once, however many samples use it, in `workers` processes when > 1."""
 
-    def __init__(self, settings: VisionSettings):
+    def __init__(self, settings: VisionSettings, workers: int = 1):
         self.settings = settings
-        self._images: dict[str, Problem | None] = {}
-        self._videos: dict[str, tuple[Problem | None, tuple[int, float] | None]] = {}
+        self.workers = workers
+        self._results: dict[tuple[str, str], MediaResult] = {}
 
-    def image(self, path: str) -> Problem | None:
-        if path not in self._images:
-            self._images[path] = self._check_image(path)
-        return self._images[path]
+    def prefetch(self, images: list[str], videos: list[str]) -> None:
+        """Check every file not seen yet."""
+        jobs = [("image", p) for p in dict.fromkeys(images)] + [("video", p) for p in dict.fromkeys(videos)]
+        jobs = [job for job in jobs if job not in self._results]
+        if not jobs:
+            return
+        if self.workers > 1 and len(jobs) > 1:
+            # spawn, not fork: decord and the tokenizer hold threads that a fork would copy mid-state
+            with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(check_media, kind, path, self.settings) for kind, path in jobs]
+                results = [f.result() for f in tqdm(futures, desc="media", unit="file", disable=None)]
+        else:
+            results = [check_media(kind, path, self.settings) for kind, path in tqdm(jobs, desc="media", unit="file", disable=None)]
+        self._results.update(zip(jobs, results))
 
-    def video(self, path: str) -> tuple[Problem | None, tuple[int, float] | None]:
-        """(problem, (frames, fps))."""
-        if path not in self._videos:
-            self._videos[path] = self._check_video(path)
-        return self._videos[path]
+    def image(self, path: str) -> MediaResult:
+        self.prefetch([path], [])
+        return self._results[("image", path)]
 
-    @staticmethod
-    def _check_image(path: str) -> Problem | None:
-        if not Path(path).is_file():
-            return Problem(None, None, "missing_media", f"image not found: {path}")
-        try:
-            with Image.open(path) as image:
-                image.verify()
-            with Image.open(path) as image:
-                image.load()
-        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            return Problem(None, None, "corrupt_media", f"cannot decode image {path}: {type(exc).__name__}: {exc}")
-        return None
-
-    def _check_video(self, path: str) -> tuple[Problem | None, tuple[int, float] | None]:
-        if not Path(path).is_file():
-            return Problem(None, None, "missing_media", f"video not found: {path}"), None
-        try:
-            clip = read_video(path, self.settings)
-        except Exception as exc:  # decord raises its own error types besides the pipeline's ValueError
-            reason = (_DECORD_LOCATION.sub("", str(exc)).strip().splitlines() or [type(exc).__name__])[0]
-            if path not in reason:
-                reason = f"cannot decode video {path}: {reason}"
-            return Problem(None, None, "corrupt_media", reason), None
-        return None, (clip.meta.total_frames, clip.meta.fps)
+    def video(self, path: str) -> MediaResult:
+        self.prefetch([], [path])
+        return self._results[("video", path)]
 
 
 def _structure_kind(error: SampleError) -> str:
@@ -215,25 +247,24 @@ def _answer_tags(samples: list[Sample]) -> list[str]:
     return found
 
 
-def check_entry(entry: Entry, report: DatasetReport, media: MediaChecker, encoder) -> list[Problem]:
-    """Every problem of one item (a sample, or a pre-packed list of samples); records its length when valid."""
-    record = AnnotationRecord(entry.item, report.data_path, str(report.file), entry.index)
+def parse_entry(entry: Entry, report: DatasetReport) -> list[Sample] | Problem:
+    """The samples of one item (a sample, or a pre-packed list of samples), or its structural problem."""
     try:
-        samples = parse_record(record)
+        return parse_record(AnnotationRecord(entry.item, report.data_path, str(report.file), entry.index))
     except SampleError as exc:
-        return [Problem(entry.index, entry.line, _structure_kind(exc), exc.reason)]
+        return Problem(entry.index, entry.line, _structure_kind(exc), exc.reason)
+
+
+def check_samples(entry: Entry, samples: list[Sample], report: DatasetReport, media: MediaChecker, encoder) -> list[Problem]:
+    """Every problem of one parsed item; records its token length when it has none."""
     problems = []
     tags = _answer_tags(samples)
     if tags:
         problems.append(Problem(entry.index, entry.line, "tag_in_answer", f"{', '.join(tags)} in an assistant answer"))
     for sample in samples:
-        found = [media.image(path) for path in sample.images]
-        for path in sample.videos:
-            problem, info = media.video(path)
-            found.append(problem)
-            if info is not None:
-                report.videos.append(info)
-        problems.extend(Problem(entry.index, entry.line, p.kind, p.reason) for p in found if p is not None)
+        results = [media.image(path) for path in sample.images] + [media.video(path) for path in sample.videos]
+        report.videos.extend((r.frames, r.fps) for r in results if r.frames is not None)
+        problems.extend(Problem(entry.index, entry.line, r.kind, r.reason) for r in results if r.kind is not None)
     if problems or encoder is None:
         return problems
     try:
@@ -244,12 +275,16 @@ def check_entry(entry: Entry, report: DatasetReport, media: MediaChecker, encode
 
 
 def check_dataset(config: dict, media: MediaChecker, encoder) -> DatasetReport:
+    """Parse every item, decode every media file once (in parallel), then check and count item by item."""
     file = Path(str(config["annotation_path"]))
     report = DatasetReport(str(config["name"]), file, str(config.get("data_path") or ""), float(config.get("sampling_rate", 1.0)))
     entries, report.problems = read_entries(file)
     report.n_samples = len(entries) + sum(p.index is not None for p in report.problems)
-    for entry in entries:
-        problems = check_entry(entry, report, media, encoder)
+    parsed = [(entry, parse_entry(entry, report)) for entry in entries]
+    samples = [s for _, result in parsed if isinstance(result, list) for s in result]
+    media.prefetch([p for s in samples for p in s.images], [p for s in samples for p in s.videos])
+    for entry, result in tqdm(parsed, desc=f"check {file.name}", unit="sample", disable=None):
+        problems = [result] if isinstance(result, Problem) else check_samples(entry, result, report, media, encoder)
         if problems:
             report.problems.extend(problems)
         else:
@@ -304,7 +339,11 @@ def summary_table(reports: list[DatasetReport], args: argparse.Namespace) -> lis
             row.append(sum(n > limit for n in report.lengths) if limit and report.lengths else "-")
         rows.append([str(x) for x in row])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        """Dataset names left-aligned, numbers right-aligned."""
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
@@ -339,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"[check_data] error: {exc}", file=sys.stderr)
         return 2
-    media = MediaChecker(encoder.settings if encoder else VisionSettings.for_family("qwen2.5vl"))
+    media = MediaChecker(encoder.settings if encoder else VisionSettings.for_family("qwen2.5vl"), args.num_workers)
     reports = [check_dataset(config, media, encoder) for config in configs]
     taken: set[str] = set()
     for report in reports:
