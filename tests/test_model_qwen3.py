@@ -26,7 +26,8 @@ import mindspore as ms  # noqa: E402
 from mindspore import Tensor  # noqa: E402
 
 from qwenvl.data.rope2d import get_rope_index_3  # noqa: E402
-from qwenvl.model.layers import init_parameters  # noqa: E402
+from qwenvl.model import build_model, load_model, save_model  # noqa: E402
+from qwenvl.model.checkpoint_io import checkpoint_files, iter_safetensors  # noqa: E402
 from qwenvl.model.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration  # noqa: E402
 from tools.make_tiny_model import tiny_config  # noqa: E402
 
@@ -36,6 +37,7 @@ IMAGE, VIDEO, START, END = 5, 6, 3, 4
 PATCH_DIM = 3 * 2 * 16 * 16
 HF_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "image_grid_thw",
            "pixel_values_videos", "video_grid_thw")  # fmt: skip
+ROUND_TRIP_CASE = "image_video"
 FAMILIES = {"qwen3vl": Qwen3VLForConditionalGeneration, "qwen3vl_moe": Qwen3VLMoeForConditionalGeneration}
 
 
@@ -124,19 +126,14 @@ def _packed(cases: dict[str, dict[str, np.ndarray]], names: list[str], pad: int)
 
 
 def _patch_mindtorch(torch, text_model_cls) -> None:
-    """Work around three mindtorch (CPU) defects the HF code hits, each replaced by the same maths:
-    `.to(device)` onto the current CPU device round-trips through numpy and drops the gradient;
-    `masked_scatter` gives its source no gradient; assignment through a 2-D boolean index is unsupported
-    (HF deepstack `hidden[mask, :] = hidden[mask, :] + embeds`)."""
+    """Work around two mindtorch (CPU) defects the HF forward hits, each replaced by the same maths:
+    `.to(device)` onto the current CPU device round-trips through numpy and drops the gradient (HF moves the
+    vision features with `.to(inputs_embeds.device, ...)`), and assignment through a 2-D boolean index is
+    unsupported (HF deepstack `hidden[mask, :] = hidden[mask, :] + embeds`)."""
     move_to = torch.Tensor._move_to
 
     def same_device_move(self, device, non_blocking=False):
         return self if getattr(self, "_device", None) == device else move_to(self, device, non_blocking)
-
-    def masked_scatter(self, mask, source):
-        mask = mask.expand_as(self)
-        index = (mask.reshape(-1).long().cumsum(0) - 1).clamp(min=0)
-        return torch.where(mask, source.reshape(-1)[index].reshape(self.shape), self)
 
     def deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -144,34 +141,34 @@ def _patch_mindtorch(torch, text_model_cls) -> None:
         return flat.index_add(0, index, visual_embeds.to(flat.dtype)).reshape(hidden_states.shape)
 
     torch.Tensor._move_to = same_device_move
-    torch.Tensor.masked_scatter = masked_scatter
     text_model_cls._deepstack_process = deepstack_process
 
 
 def _reference_main(work: Path) -> None:
-    """Subprocess entry: HF model from work/config.json + weights.npz; per case logits, loss, gradients."""
+    """Subprocess entry. Loads work/ours (written by our save_model) with `from_pretrained` and returns, per
+    case, logits, token-mean loss and every gradient; also saves a fresh seeded HF model to work/hf with
+    `save_pretrained` and returns its logits on ROUND_TRIP_CASE."""
     import mindnlp  # noqa: F401  (maps torch / transformers onto MindSpore)
     import mindtorch
     import torch
     import transformers
 
-    cfg = json.loads((work / "config.json").read_text())
+    cfg = json.loads((work / "ours" / "config.json").read_text())
     prefix = {"qwen3_vl": "Qwen3VL", "qwen3_vl_moe": "Qwen3VLMoe"}[cfg["model_type"]]
-
     _patch_mindtorch(torch, getattr(transformers, f"{prefix}TextModel"))
-    config = getattr(transformers, f"{prefix}Config")(**cfg)
-    config._attn_implementation = "eager"
-    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
-    weights = np.load(work / "weights.npz")
-    model.load_state_dict({k: torch.tensor(weights[k]) for k in weights.files}, strict=True)
+    cls = getattr(transformers, f"{prefix}ForConditionalGeneration")
+    model, info = cls.from_pretrained(work / "ours", attn_implementation="eager", output_loading_info=True)
     model.eval()  # mindtorch cannot run the MoE training loop (2-D @ 3-D matmul); eval is the same maths
+    results = {f"load/{k}": np.array(sorted(map(str, v)), dtype=str) for k, v in info.items()}
     names, params = zip(*model.named_parameters())
     stored = np.load(work / "cases.npz")
-    results = {}
-    for case in sorted({k.split("/")[0] for k in stored.files}):
-        kwargs = {k: torch.tensor(stored[f"{case}/{k}"]) for k in HF_KEYS if f"{case}/{k}" in stored.files}
 
-        def loss_and_logits(kwargs=kwargs):
+    def inputs(case: str) -> dict:
+        return {k: torch.tensor(stored[f"{case}/{k}"]) for k in HF_KEYS if f"{case}/{k}" in stored.files}
+
+    for case in sorted({k.split("/")[0] for k in stored.files}):
+
+        def loss_and_logits(kwargs=inputs(case)):
             out = model(**kwargs)
             return out.loss, out.logits
 
@@ -181,12 +178,15 @@ def _reference_main(work: Path) -> None:
         results[f"{case}/logits"] = logits.asnumpy()
         for name, grad in zip(names, grads):
             results[f"{case}/grad/{name}"] = grad.asnumpy()
+    torch.manual_seed(1)
+    fresh = cls(model.config).eval()
+    fresh.save_pretrained(work / "hf")
+    results["hf_saved/logits"] = fresh(**inputs(ROUND_TRIP_CASE)).logits.detach().numpy()
     np.savez(work / "results.npz", **results)
 
 
 def _run_reference(work: Path, model, cases: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    (work / "config.json").write_text(json.dumps(model.config))
-    np.savez(work / "weights.npz", **{n: p.asnumpy() for n, p in model.parameters_and_names()})
+    save_model(model, work / "ours")
     np.savez(work / "cases.npz", **{f"{c}/{k}": v for c, b in cases.items() for k, v in b.items()})
     proc = subprocess.run([sys.executable, __file__, str(work)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -221,12 +221,12 @@ def _assert_grads_close(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray],
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def setup(request, tmp_path_factory):
     """(model, cases, reference results) for one family, the reference computed once per module."""
-    cfg = _config(request.param)
-    model = FAMILIES[request.param](cfg)
-    init_parameters(model, seed=0, std=0.02)
+    model = build_model(_config(request.param), seed=0)
+    assert isinstance(model, FAMILIES[request.param])
+    work = tmp_path_factory.mktemp(request.param)
     cases = _cases()
-    ref = _run_reference(tmp_path_factory.mktemp(request.param), model, cases)
-    return model, cases, ref
+    ref = _run_reference(work, model, cases)
+    return model, cases, ref, work
 
 
 def _ref_grads(ref: dict[str, np.ndarray], case: str) -> dict[str, np.ndarray]:
@@ -236,7 +236,7 @@ def _ref_grads(ref: dict[str, np.ndarray], case: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("case", ["text", "image", "two_images", "video"])
 def test_parity_with_transformers(setup, case):
-    model, cases, ref = setup
+    model, cases, ref, _ = setup
     batch = cases[case]
     logits, loss_sum, n_tokens, grads = _native(model, batch)
     valid = batch.get("attention_mask", np.ones(batch["input_ids"].shape, bool))
@@ -250,7 +250,7 @@ def test_image_and_video_in_one_sample(setup):
     """Logits and loss only: with both kinds HF joins the deepstack features by boolean-index assignment,
     through which mindtorch passes no gradient. The packed test checks that gradient (image and video samples
     in one row are one vision pass for us, separate HF runs for the reference)."""
-    model, cases, ref = setup
+    model, cases, ref, _ = setup
     logits, loss_sum, n_tokens, _ = _native(model, cases["image_video"])
     np.testing.assert_allclose(logits, ref["image_video/logits"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(loss_sum / n_tokens, ref["image_video/loss"], rtol=1e-4)
@@ -259,7 +259,7 @@ def test_image_and_video_in_one_sample(setup):
 def test_packed_row_equals_samples_one_by_one(setup):
     """One flattened row (cu_seqlens, trailing padding segment) == HF on each sample: logits per segment,
     summed loss, and the gradient of the summed loss."""
-    model, cases, ref = setup
+    model, cases, ref, _ = setup
     names = ["image", "short_text", "video"]
     logits, loss_sum, n_tokens, grads = _native(model, _packed(cases, names, pad=3))
     start, ref_loss_sum, ref_grads = 0, 0.0, {}
@@ -275,11 +275,25 @@ def test_packed_row_equals_samples_one_by_one(setup):
     _assert_grads_close(grads, ref_grads)
 
 
+def test_checkpoint_round_trips(setup):
+    """Our save_model -> HF from_pretrained loads every tensor (parity above used it), and HF save_pretrained ->
+    our load_model gives HF's logits; both write the same tensor names and shapes."""
+    model, cases, ref, work = setup
+    assert all(len(ref[f"load/{k}"]) == 0 for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), ref
+    loaded = load_model(work / "hf")
+    logits = loaded.logits(**loaded.prepare_inputs(cases[ROUND_TRIP_CASE])).asnumpy()
+    np.testing.assert_allclose(logits, ref["hf_saved/logits"], rtol=0, atol=1e-5)
+
+    def layout(folder: Path) -> dict[str, tuple]:
+        return {name: a.shape for path in checkpoint_files(folder) for name, a in iter_safetensors(path)}
+
+    assert layout(work / "ours") == layout(work / "hf")
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_compiled_step_with_recompute_equals_pynative(family):
     """`mindspore.jit(value_and_grad(construct))` compiles on CPU (recompute on) and equals PyNative."""
-    model = FAMILIES[family](_config(family))
-    init_parameters(model, seed=1, std=0.02)
+    model = build_model(_config(family), seed=1)
     inputs = model.prepare_inputs(_cases()["image_video"])
     args = [inputs[name] for name in inspect.signature(model.construct).parameters if name in inputs]
 
