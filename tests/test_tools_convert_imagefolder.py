@@ -112,6 +112,22 @@ def test_csv_with_integer_labels_skips_bad_rows(tmp_path, capsys):
     assert Path(registry["labels_train"]["data_path"]).resolve() == tmp_path.resolve()
 
 
+def test_numbered_folders_with_class_names(tmp_path, capsys):
+    """Flowers-style folders 1..N: named through --class_names with --label_base 1, in numeric order."""
+    root = tmp_path / "jpg"
+    for folder in ("1", "2", "10", "200"):
+        _draw(root / folder / "a.jpg", 50)
+    names = [f"flower {i}" for i in range(1, 11)]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    out = tmp_path / "out"
+    code = _run("--root", root, "--class_names", tmp_path / "names.txt", "--label_base", "1", "--output_dir", out, "--split", "1")
+    assert code == 1
+    assert "folder 200 (1 images): label 200 is outside --class_names (10 names, --label_base 1)" in capsys.readouterr().err
+    assert (out / "classes.txt").read_text().splitlines() == ["flower 1", "flower 2", "flower 10"]
+    labels = {s["image"]: s["conversations"][1]["value"] for s in json.loads((out / "train.json").read_text())}
+    assert labels == {"1/a.jpg": "flower 1", "2/a.jpg": "flower 2", "10/a.jpg": "flower 10"}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -17,7 +17,8 @@ stratified: each class is shuffled with `--seed` and cut by the `--split` ratios
 = `8,1,1`), then each split is shuffled. Written to --output_dir: `train.json` / `val.json` / `test.json`
 (non-empty splits only), `classes.txt` and `registry.json` with entries `<name>_train`, ... for
 `train_qwen.py --dataset_registry <output_dir>/registry.json --dataset_use <name>_train`.
-Exit code: 0 done, 1 done but some CSV rows were skipped (listed), 2 nothing written (error shown).
+With --class_names, numbered class folders (1..102) or integer CSV labels are looked up in it.
+Exit code: 0 done, 1 done but some CSV rows or folders were skipped (listed), 2 nothing written (error shown).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--class_names",
         default=None,
-        help="text file, one class name per line: integer CSV labels index it (see --label_base); "
-        "string labels must appear in it, and its order is the class order",
+        help="text file, one class name per line: integer labels or folder names index it (see --label_base); "
+        "other labels must appear in it; its order is the class order",
     )
     parser.add_argument("--label_base", type=int, default=0, help="value of the first integer label (1 for Oxford Flowers' 1..102)")
     parser.add_argument("--keep_underscores", action="store_true", help="keep '_' in folder class names (default: shown as spaces)")
@@ -115,27 +117,39 @@ def stratified_split(by_class: dict[str, list[str]], fractions: list[float], see
     return [[split[i] for i in rng.permutation(len(split))] for split in splits]
 
 
-def _class_label(folder: str, keep_underscores: bool) -> str:
-    return folder if keep_underscores else folder.replace("_", " ")
+def natural_key(name: str) -> list:
+    """'2' before '10': digit runs compare as numbers (split() alternates text and digits, so types line up)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def scan_folders(root: Path, keep_underscores: bool) -> LabelledImages:
-    """root/<class>/**/<image>: the class is the first folder level, nested folders are kept in the path."""
+def scan_folders(root: Path, keep_underscores: bool, names: list[str] | None, base: int) -> LabelledImages:
+    """root/<class>/**/<image>: the class is the first folder level, nested folders are kept in the path.
+
+    Folder names are the class names ('_' shown as spaces unless `keep_underscores`), or, with
+    --class_names, are looked up in it like CSV labels (numbered folders such as Flowers' 1..102).
+    """
     if not root.is_dir():
         raise ConversionError(f"--root {root}: not a folder")
     by_class: dict[str, list[str]] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    skipped = []
+    for folder in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
         images = [
             path.relative_to(root).as_posix()
             for path in sorted(folder.rglob("*"))
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
         ]
-        if images:
-            label = _class_label(folder.name, keep_underscores)
-            by_class.setdefault(label, []).extend(images)
+        if not images:
+            continue
+        try:
+            label = _label_to_class(folder.name, names, base) if names else folder.name
+        except ValueError as exc:
+            skipped.append(f"folder {folder.name} ({len(images)} images): {exc}")
+            continue
+        by_class.setdefault(label if keep_underscores or names else label.replace("_", " "), []).extend(images)
     if not by_class:
         raise ConversionError(f"--root {root}: no class folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return LabelledImages(root, sorted(by_class), by_class, [])
+    classes = [n for n in names if n in by_class] if names else list(by_class)
+    return LabelledImages(root, classes, by_class, skipped)
 
 
 def _read_class_names(path: str | None) -> list[str] | None:
@@ -195,7 +209,7 @@ def read_csv_labels(args: argparse.Namespace) -> LabelledImages:
                 skipped.append(f"line {line}: {exc}")
     if not by_class:
         raise ConversionError(f"--csv {csv_path}: no usable rows" + (f" ({skipped[0]}, ...)" if skipped else ""))
-    classes = [n for n in names if n in by_class] if names else sorted(by_class)
+    classes = [n for n in names if n in by_class] if names else sorted(by_class, key=natural_key)
     return LabelledImages(image_root, classes, by_class, skipped)
 
 
@@ -227,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fractions = parse_split(args.split)
         if args.root:
-            data = scan_folders(Path(args.root), args.keep_underscores)
+            data = scan_folders(Path(args.root), args.keep_underscores, _read_class_names(args.class_names), args.label_base)
         else:
             data = read_csv_labels(args)
     except ConversionError as exc:
