@@ -88,11 +88,12 @@ def test_moving_average_skips_nan():
 
 
 def test_nan_loss_string_and_no_checkpoint(tmp_path, capsys):
-    (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 5, "loss": "nan", "lr": 1e-4, "step_time_s": 2}) + "\n")
+    record = {"step": 5, "loss": "nan", "lr": 1e-4, "step_time_s": 2, "skipped_steps": 1}
+    (tmp_path / "train_log.jsonl").write_text(json.dumps(record) + "\n")
     monitor.main(["--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "step 5 (max_steps unknown before the first checkpoint; pass --max_steps)" in out
-    assert "loss: nan" in out and "lr: 1.000e-04" in out
+    assert "loss: nan" in out and "lr: 1.000e-04" in out and "skipped steps: 1" in out
     assert (tmp_path / "loss.png").is_file()
     monitor.main(["--output_dir", str(tmp_path), "--max_steps", "10", "--no_plot"])
     assert "progress: step 5/10 (50.0%)" in capsys.readouterr().out

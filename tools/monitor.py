@@ -180,7 +180,11 @@ def report(log: RunLog, progress: Progress, window: int) -> list[str]:
         lines.append("lr: " + ", ".join(f"{group} {_fmt(number(v), '.3e')}" for group, v in lr.items()))
     elif number(lr) is not None:
         lines.append(f"lr: {number(lr):.3e}")
-    lines.append(f"grad_norm: {_fmt(number(last.get('grad_norm')))}   tokens/s: {_fmt(number(last.get('tokens_per_s')), '.1f')}")
+    skipped = number(last.get("skipped_steps"))
+    skipped_text = f"   skipped steps: {skipped:.0f}" if skipped else ""
+    lines.append(
+        f"grad_norm: {_fmt(number(last.get('grad_norm')))}   tokens/s: {_fmt(number(last.get('tokens_per_s')), '.1f')}{skipped_text}"
+    )
     memory = last.get("memory")
     if isinstance(memory, dict) and memory:
         lines.append("memory: " + ", ".join(f"{k} {_fmt(number(v), '.0f')}" for k, v in memory.items()))
@@ -291,7 +295,9 @@ def refresh(args: argparse.Namespace, output_dir: Path) -> tuple[RunLog, Progres
     """Read, print and plot once."""
     log = read_log(output_dir / LOG_NAME)
     progress = read_progress(output_dir, args.max_steps)
-    print(f"== {output_dir / LOG_NAME} at {datetime.datetime.now().strftime('%H:%M:%S')}")
+    log_file = output_dir / LOG_NAME
+    age = f", last written {_duration(time.time() - log_file.stat().st_mtime)} ago" if log_file.is_file() else ""
+    print(f"== {log_file} at {datetime.datetime.now().strftime('%H:%M:%S')}{age}")
     for line in report(log, progress, args.window):
         print(line)
     if log.bad_lines:
