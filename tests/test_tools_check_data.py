@@ -125,8 +125,12 @@ def test_token_lengths_equal_the_training_encoding(dataset, processor_dir_factor
 def test_histogram_bins_and_bars():
     lines = check_data.histogram([10, 10, 10, 20, 110])
     assert len(lines) == 10
-    assert lines[0].split() == ["10", "-", "20", "|", "#" * 40, "3"]  # 10, 10, 10 below the first edge 20
-    assert lines[1].split()[-1] == "1" and lines[-1].split()[-1] == "1"  # 20 starts bin 1; 110 closes the last
+    assert lines[0].split() == ["10", "-", "19", "|", "#" * 40, "3"]  # 10, 10, 10 below the first edge 20
+    assert lines[1].split() == ["20", "-", "29", "|", "#" * 13, "1"]  # 40 * 1/3 rounded
+    assert lines[-1].split() == ["100", "-", "110", "|", "#" * 13, "1"]  # the last bin is closed
+    # a narrow range: one bin per integer, never an empty label
+    assert [line.split()[:3] for line in check_data.histogram([5, 7, 7])] == [["5", "-", "5"], ["6", "-", "6"], ["7", "-", "7"]]
+    assert check_data.histogram([42])[0].split() == ["42", "-", "42", "|", "#" * 40, "1"]
 
 
 def test_registry_input_clean_file_exits_0(tmp_path, capsys):

@@ -314,13 +314,18 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
 
 
 def histogram(lengths: list[int]) -> list[str]:
-    """Equal-width bins over [min, max], one '#' bar per bin scaled to the fullest bin."""
-    counts, edges = np.histogram(lengths, bins=HISTOGRAM_BINS if max(lengths) > min(lengths) else 1)
+    """Equal-width bins over [min, max] (at most one per integer), a '#' bar per bin scaled to the fullest.
+
+    numpy's bins are half-open [low, high) except the last, so a bin holds the integers ceil(low) to
+    ceil(high) - 1, and the last one up to max.
+    """
+    counts, edges = np.histogram(lengths, bins=min(HISTOGRAM_BINS, max(lengths) - min(lengths) + 1))
     top = max(counts)
     lines = []
-    for count, low, high in zip(counts, edges[:-1], edges[1:]):
+    for i, count in enumerate(counts):
+        low, high = int(np.ceil(edges[i])), int(np.floor(edges[i + 1]) if i == len(counts) - 1 else np.ceil(edges[i + 1]) - 1)
         bar = "#" * int(round(HISTOGRAM_WIDTH * count / top))
-        lines.append(f"  {int(np.ceil(low)):>8} - {int(np.floor(high)):>8} | {bar} {count}")
+        lines.append(f"  {low:>8} - {high:>8} | {bar} {count}")
     return lines
 
 
