@@ -24,7 +24,7 @@ def coco(tmp_path) -> Path:
     Image.new("RGB", (50, 40), (10, 200, 30)).save(tmp_path / "small.png")
     data = {
         "images": [
-            {"id": 1, "file_name": "big.jpg", "width": 640, "height": 480},
+            {"id": 1, "file_name": "big.jpg", "width": 640.0, "height": 480},  # a float size is accepted
             {"id": 2, "file_name": "empty.jpg", "width": 100, "height": 100},
             {"id": 4, "file_name": "small.png"},  # size from the file header
             {"id": 5, "file_name": "missing.jpg"},  # no size and no file: reported

@@ -152,3 +152,12 @@ def test_help_documents_the_tool():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_imagefolder.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "registry.json" in result.stdout and "--prompt_template" in result.stdout
+
+
+def test_csv_with_byte_order_mark_and_bad_encoding(tmp_path, capsys):
+    _draw(tmp_path / "a.jpg", 10)
+    (tmp_path / "bom.csv").write_text("image,label\na.jpg,cat\n", encoding="utf-8-sig")
+    assert _run("--csv", tmp_path / "bom.csv", "--output_dir", tmp_path / "out", "--split", "1") == 0
+    (tmp_path / "latin.csv").write_bytes("image,label\na.jpg,caf\xe9\n".encode("latin-1"))
+    assert _run("--csv", tmp_path / "latin.csv", "--output_dir", tmp_path / "out2") == 2
+    assert "not a readable UTF-8 CSV file" in capsys.readouterr().err

@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = dataset_configs(args)
         encoder = build_encoder(args.model_path, data_args, args.model_max_length) if args.model_path else None
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # unknown name, unreadable registry (JSON/YAML), model folder the tokenizer rejects
         print(f"[check_data] error: {exc}", file=sys.stderr)
         return 2
     media = MediaChecker(encoder.settings if encoder else VisionSettings.for_family("qwen2.5vl"), args.num_workers)
@@ -389,9 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     for report in reports:
         print("\n".join(describe(report, args.show)))
         valid_path, problems_path = output_paths(report, args.output_dir, taken)
-        valid_path.parent.mkdir(parents=True, exist_ok=True)
-        valid_path.write_text(json.dumps(report.valid, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        problems_path.write_text(json.dumps([p.to_json() for p in report.problems], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            valid_path.parent.mkdir(parents=True, exist_ok=True)
+            valid_path.write_text(json.dumps(report.valid, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            problems = [p.to_json() for p in report.problems]
+            problems_path.write_text(json.dumps(problems, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"[check_data] error: cannot write the reports: {exc} (use --output_dir)", file=sys.stderr)
+            return 2
         print(f"wrote {valid_path} ({len(report.valid)} samples) and {problems_path} ({len(report.problems)} problems)\n")
     print("\n".join(summary_table(reports, args)))
     if encoder is None:

@@ -144,7 +144,10 @@ def _images(coco: dict, image_root: Path, problems: list[str]) -> tuple[dict[int
             problems.append(f"images[{position}]: needs an 'id' and a 'file_name'")
             continue
         width, height = entry.get("width"), entry.get("height")
-        if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        sized = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in (width, height))
+        if sized:
+            width, height = int(width), int(height)
+        else:
             try:
                 height, width = image_size(image_root / entry["file_name"])
             except ValueError as exc:
@@ -228,8 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         print("[convert_detection] error: no sample to write (no image with a usable box; see --keep_empty)", file=sys.stderr)
         return 2
     output = Path(args.output) if args.output else path.with_name(f"{path.stem}_grounding_{args.family}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        print(f"[convert_detection] error: cannot write {output}: {exc}", file=sys.stderr)
+        return 2
     print(
         f"[convert_detection] {len(samples)} samples ({args.family}, "
         f"{'absolute resized pixels' if args.family in ABSOLUTE_FAMILIES else 'relative 0..1000'}) -> {output}; "

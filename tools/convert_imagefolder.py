@@ -158,7 +158,10 @@ def _read_class_names(path: str | None) -> list[str] | None:
     file = Path(path)
     if not file.is_file():
         raise ConversionError(f"--class_names {file}: file not found")
-    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        names = [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise ConversionError(f"--class_names {file}: not UTF-8 text: {exc}") from exc
     if not names:
         raise ConversionError(f"--class_names {file}: no names in it")
     return names
@@ -186,7 +189,14 @@ def read_csv_labels(args: argparse.Namespace) -> LabelledImages:
         raise ConversionError(f"--csv {csv_path}: file not found")
     image_root = Path(args.image_root) if args.image_root else csv_path.resolve().parent
     names = _read_class_names(args.class_names)
-    with open(csv_path, newline="", encoding="utf-8") as handle:
+    try:
+        return _read_rows(csv_path, image_root, names, args)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ConversionError(f"--csv {csv_path}: not a readable UTF-8 CSV file: {exc}") from exc
+
+
+def _read_rows(csv_path: Path, image_root: Path, names: list[str] | None, args: argparse.Namespace) -> LabelledImages:
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's byte-order mark
         reader = csv.DictReader(handle)
         missing = [c for c in (args.image_col, args.label_col) if c not in (reader.fieldnames or [])]
         if missing:
@@ -250,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or (Path(args.root).resolve().name if args.root else Path(args.csv).stem)
     prompt = args.prompt_template.replace("{classes}", ", ".join(data.classes))
     splits = stratified_split(data.by_class, fractions, args.seed)
-    registry = write_outputs(data, splits, prompt, Path(args.output_dir), name)
+    try:
+        registry = write_outputs(data, splits, prompt, Path(args.output_dir), name)
+    except OSError as exc:
+        print(f"[convert_imagefolder] error: cannot write to {args.output_dir}: {exc}", file=sys.stderr)
+        return 2
     for problem in data.skipped:
         print(f"[convert_imagefolder] skipped {problem}", file=sys.stderr)
     sizes = [len(data.by_class[c]) for c in data.classes]

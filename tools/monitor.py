@@ -11,7 +11,7 @@ checkpoint). Prints progress (step/max and percent), an ETA from the mean step t
 per parameter group, grad norm, tokens/s, memory, the last evaluation and the newest checkpoint.
 Writes `loss.png` (or --plot): loss with its moving average and eval loss on top, learning rates below.
 `--watch N` stops once max_steps is reached or `train_summary.json` (written at the end) is newer than the log.
-Exit code: 0, or 2 when the output folder does not exist.
+Exit code: 0, or 2 when the output folder does not exist or a file cannot be read or written.
 """
 
 from __future__ import annotations
@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None, sleep: Callable[[float], None] = time.sl
             log, progress = refresh(args, output_dir)
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # an unreadable log or an unwritable plot path
+        print(f"[monitor] error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
