@@ -39,11 +39,15 @@ def write_mjpeg_avi(path: str | Path, frames: np.ndarray, fps: int) -> Path:
     main_header = struct.pack(
         "<10I4I", 1_000_000 // fps, largest * fps, 0, _HAS_INDEX, count, 0, 1, largest, width, height, 0, 0, 0, 0
     )
+    # fccType, fccHandler, flags, priority, language, initial frames, scale, rate (fps = rate / scale), start,
+    # length, buffer size, quality (-1: default), sample size, frame rectangle
     stream_header = struct.pack(
-        "<4s4sIHHIIIIIIII4h", b"vids", b"MJPG", 0, 0, 0, 0, 1, fps, 0, count, largest, 0xFFFFFFFF, 0, 0, 0, width, height
+        "<4s4sIHHIIIIIIII4h",
+        *(b"vids", b"MJPG", 0, 0, 0, 0, 1, fps, 0, count, largest, 0xFFFFFFFF, 0, 0, 0, width, height),
     )
     bitmap = struct.pack("<IiiHH4sIiiII", 40, width, height, 1, 24, b"MJPG", width * height * 3, 0, 0, 0, 0)
-    header = _list(b"hdrl", _chunk(b"avih", main_header) + _list(b"strl", _chunk(b"strh", stream_header) + _chunk(b"strf", bitmap)))
+    stream = _list(b"strl", _chunk(b"strh", stream_header) + _chunk(b"strf", bitmap))
+    header = _list(b"hdrl", _chunk(b"avih", main_header) + stream)
     movi_chunks = b""
     index = b""
     offset = 4  # idx1 offsets count from the 'movi' fourcc

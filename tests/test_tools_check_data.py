@@ -93,7 +93,8 @@ def test_every_problem_is_found_and_located(dataset, capsys):
     valid = json.loads((path.parent / "train_valid.json").read_text())
     assert valid == [json.loads(lines[i]) for i in (0, 1, 9, 11)]
     out = capsys.readouterr().out
-    assert "problems: malformed_json 1, structure 1, tag_count 1, tag_in_answer 1, missing_media 1, corrupt_media 2" in out
+    kinds = "malformed_json 1, structure 1, tag_count 1, tag_in_answer 1, missing_media 1, corrupt_media 2"
+    assert f"problems: {kinds}" in out
     assert "videos: 1 uses, frames 12..12, fps 6.00..6.00" in out
     assert "sample 2 (line 3): [malformed_json]" in out
     assert "(token lengths need --model_path)" in out
@@ -103,7 +104,8 @@ def test_token_lengths_equal_the_training_encoding(dataset, processor_dir_factor
     path, lines = dataset
     model_dir = processor_dir_factory("qwen2.5vl")
     out_dir = tmp_path / "report"
-    code = check_data.main([str(path), "--model_path", str(model_dir), "--model_max_length", "60", "--pack_length", "100", "--output_dir", str(out_dir)])
+    limits = ["--model_max_length", "60", "--pack_length", "100"]
+    code = check_data.main([str(path), "--model_path", str(model_dir), *limits, "--output_dir", str(out_dir)])
     assert code == 1
     encoder = build_encoder(model_dir, DataArguments())
     lengths = sorted(
@@ -115,9 +117,8 @@ def test_token_lengths_equal_the_training_encoding(dataset, processor_dir_factor
     header = next(line for line in table if line.startswith("dataset"))
     row = table[table.index(header) + 2].split()
     assert header.split()[-2:] == [">60", ">100"]
-    assert row[1:] == [
-        "11", "4", "7", str(a), f"{median:.0f}", f"{p95:.0f}", str(d), str(sum(n > 60 for n in lengths)), str(sum(n > 100 for n in lengths))
-    ]  # fmt: skip
+    over = [str(sum(n > limit for n in lengths)) for limit in (60, 100)]
+    assert row[1:] == ["11", "4", "7", str(a), f"{median:.0f}", f"{p95:.0f}", str(d), *over]
     assert (out_dir / "train_valid.json").is_file() and (out_dir / "train_problems.json").is_file()
     assert not (path.parent / "train_valid.json").exists()
 
@@ -129,7 +130,8 @@ def test_histogram_bins_and_bars():
     assert lines[1].split() == ["20", "-", "29", "|", "#" * 13, "1"]  # 40 * 1/3 rounded
     assert lines[-1].split() == ["100", "-", "110", "|", "#" * 13, "1"]  # the last bin is closed
     # a narrow range: one bin per integer, never an empty label
-    assert [line.split()[:3] for line in check_data.histogram([5, 7, 7])] == [["5", "-", "5"], ["6", "-", "6"], ["7", "-", "7"]]
+    narrow = [line.split()[:3] for line in check_data.histogram([5, 7, 7])]
+    assert narrow == [["5", "-", "5"], ["6", "-", "6"], ["7", "-", "7"]]
     assert check_data.histogram([42])[0].split() == ["42", "-", "42", "|", "#" * 40, "1"]
 
 
@@ -151,12 +153,11 @@ def test_registry_input_clean_file_exits_0(tmp_path, capsys):
 def test_file_level_problems(tmp_path, capsys):
     (tmp_path / "broken.json").write_text('{"image": "a.png"}\n{"image": "b.png"}\n')
     (tmp_path / "object.json").write_text('{"image": "a.png"}')
-    code = check_data.main([str(tmp_path / "broken.json"), str(tmp_path / "object.json"), str(tmp_path / "absent.json")])
+    code = check_data.main([str(tmp_path / name) for name in ("broken.json", "object.json", "absent.json")])
     assert code == 1
     broken = _problems(tmp_path, "broken")
-    assert broken == [
-        {"index": None, "kind": "malformed_json", "reason": "malformed JSON at line 2 column 1: Extra data (one sample per line? name the file .jsonl)"}
-    ]
+    reason = "malformed JSON at line 2 column 1: Extra data (one sample per line? name the file .jsonl)"
+    assert broken == [{"index": None, "kind": "malformed_json", "reason": reason}]
     assert _problems(tmp_path, "object")[0]["reason"] == "a JSON annotation file must hold a list of samples"
     assert _problems(tmp_path, "absent")[0]["kind"] == "annotation_file"
 
@@ -170,7 +171,8 @@ def test_setup_errors_exit_2(tmp_path, capsys):
 
 
 def test_help_documents_the_tool():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "check_data.py"), "--help"], capture_output=True, text=True)
+    tool = ROOT / "tools" / "check_data.py"
+    result = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "_problems.json" in result.stdout and "--max_pixels" in result.stdout
 

@@ -56,7 +56,8 @@ def test_split_counts_are_stratified_and_registry_trains(folder_root, tmp_path, 
     assert all_images == sorted(f"{c}/{i:03d}.jpg" for c, n in CLASS_SIZES.items() for i in range(n))
     assert (out / "classes.txt").read_text().splitlines() == ["daisy", "pink primrose", "rose"]
     question = splits["train"][0]["conversations"][0]
-    assert question == {"from": "human", "value": "<image>\n" + convert_imagefolder.DEFAULT_PROMPT.replace("{classes}", "daisy, pink primrose, rose")}
+    prompt = convert_imagefolder.DEFAULT_PROMPT.replace("{classes}", "daisy, pink primrose, rose")
+    assert question == {"from": "human", "value": "<image>\n" + prompt}
     # the registry resolves through the training pipeline to existing images
     registry = load_registry_file(out / "registry.json")
     assert sorted(registry) == ["flowers_test", "flowers_train", "flowers_val"]
@@ -79,7 +80,8 @@ def test_seed_decides_the_split(folder_root, tmp_path):
 
 def test_prompt_template_and_underscores(folder_root, tmp_path):
     out = tmp_path / "out"
-    _run("--root", folder_root, "--output_dir", out, "--keep_underscores", "--prompt_template", "Pick from [{classes}]", "--split", "1", "--name", "fl")
+    template = ["--prompt_template", "Pick from [{classes}]"]
+    _run("--root", folder_root, "--output_dir", out, "--keep_underscores", *template, "--split", "1", "--name", "fl")
     sample = json.loads((out / "train.json").read_text())[0]
     assert sample["conversations"][0]["value"] == "<image>\nPick from [daisy, pink_primrose, rose]"
     assert list(json.loads((out / "registry.json").read_text())) == ["fl_train"]
@@ -104,10 +106,8 @@ def test_csv_with_integer_labels_skips_bad_rows(tmp_path, capsys):
     assert "line 10: empty image or label" in err
     samples = json.loads((out / "train.json").read_text())
     labels = {s["image"]: s["conversations"][1]["value"] for s in samples}
-    assert labels == {
-        "jpg/image_0.jpg": "pink primrose", "jpg/image_1.jpg": "hard-leaved pocket orchid", "jpg/image_2.jpg": "canterbury bells",
-        "jpg/image_3.jpg": "pink primrose", "jpg/image_4.jpg": "hard-leaved pocket orchid", "jpg/image_5.jpg": "canterbury bells",
-    }  # fmt: skip
+    names = ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"]
+    assert labels == {f"jpg/image_{i}.jpg": names[i % 3] for i in range(6)}
     registry = load_registry_file(out / "registry.json")
     assert Path(registry["labels_train"]["data_path"]).resolve() == tmp_path.resolve()
 
@@ -120,9 +120,11 @@ def test_numbered_folders_with_class_names(tmp_path, capsys):
     names = [f"flower {i}" for i in range(1, 11)]
     (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
     out = tmp_path / "out"
-    code = _run("--root", root, "--class_names", tmp_path / "names.txt", "--label_base", "1", "--output_dir", out, "--split", "1")
+    names_flags = ["--class_names", tmp_path / "names.txt", "--label_base", "1"]
+    code = _run("--root", root, *names_flags, "--output_dir", out, "--split", "1")
     assert code == 1
-    assert "folder 200 (1 images): label 200 is outside --class_names (10 names, --label_base 1)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "folder 200 (1 images): label 200 is outside --class_names (10 names, --label_base 1)" in err
     assert (out / "classes.txt").read_text().splitlines() == ["flower 1", "flower 2", "flower 10"]
     labels = {s["image"]: s["conversations"][1]["value"] for s in json.loads((out / "train.json").read_text())}
     assert labels == {"1/a.jpg": "flower 1", "2/a.jpg": "flower 2", "10/a.jpg": "flower 10"}
@@ -149,7 +151,8 @@ def test_csv_without_the_column(tmp_path, capsys):
 
 
 def test_help_documents_the_tool():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_imagefolder.py"), "--help"], capture_output=True, text=True)
+    tool = ROOT / "tools" / "convert_imagefolder.py"
+    result = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "registry.json" in result.stdout and "--prompt_template" in result.stdout
 

@@ -124,6 +124,7 @@ def test_empty_and_missing_output_dir(tmp_path, capsys):
 
 
 def test_help_documents_the_tool():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "monitor.py"), "--help"], capture_output=True, text=True)
+    tool = ROOT / "tools" / "monitor.py"
+    result = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "train_log.jsonl" in result.stdout and "--watch" in result.stdout

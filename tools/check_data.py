@@ -100,16 +100,28 @@ class DatasetReport:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("annotations", nargs="*", help=".json/.jsonl annotation files (media relative to their folder or --data_path)")
+    parser.add_argument(
+        "annotations", nargs="*", help=".json/.jsonl annotation files (media relative to their folder or --data_path)"
+    )
     parser.add_argument("--data_path", default=None, help="media folder for the annotation files given as arguments")
-    parser.add_argument("--dataset_use", default="", help="registered names or annotation paths, as train_qwen.py (%%N accepted)")
+    parser.add_argument(
+        "--dataset_use", default="", help="registered names or annotation paths, as train_qwen.py (%%N accepted)"
+    )
     parser.add_argument("--dataset_registry", default=None, help="registry file for --dataset_use, as train_qwen.py")
-    parser.add_argument("--model_path", "-m", default=None, help="model folder: token lengths with its tokenizer and processor settings")
+    parser.add_argument(
+        "--model_path", "-m", default=None, help="model folder: token lengths with its tokenizer and processor settings"
+    )
     parser.add_argument("--model_max_length", type=int, default=None, help="report samples longer than this")
     parser.add_argument("--pack_length", type=int, default=None, help="report samples longer than this pack length")
-    parser.add_argument("--output_dir", default=None, help="where <stem>_valid.json and <stem>_problems.json go (default: beside each input)")
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="where <stem>_valid.json and <stem>_problems.json go (default: beside each input)",
+    )
     parser.add_argument("--num_workers", type=int, default=1, help="processes decoding media files (default: 1)")
-    parser.add_argument("--show", type=int, default=10, help="problems printed per dataset (default: 10; all are in the problems file)")
+    parser.add_argument(
+        "--show", type=int, default=10, help="problems printed per dataset (default: 10; all are in the problems file)"
+    )
     add_data_flags(parser)
     args = parser.parse_args(argv)
     if not args.annotations and not args.dataset_use:
@@ -149,13 +161,15 @@ def read_entries(path: Path) -> tuple[list[Entry], list[Problem]]:
             try:
                 entries.append(Entry(index, line_no, json.loads(line)))
             except json.JSONDecodeError as exc:
-                problems.append(Problem(index, line_no, "malformed_json", f"malformed JSON: {exc.msg} at column {exc.colno}"))
+                reason = f"malformed JSON: {exc.msg} at column {exc.colno}"
+                problems.append(Problem(index, line_no, "malformed_json", reason))
         return entries, problems
     try:
         items = json.loads(text)
     except json.JSONDecodeError as exc:
         hint = " (one sample per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
-        return [], [Problem(None, None, "malformed_json", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}{hint}")]
+        reason = f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}{hint}"
+        return [], [Problem(None, None, "malformed_json", reason)]
     if not isinstance(items, list):
         return [], [Problem(None, None, "annotation_file", "a JSON annotation file must hold a list of samples")]
     return [Entry(i, None, item) for i, item in enumerate(items)], []
@@ -222,7 +236,8 @@ class MediaChecker:
                 futures = [pool.submit(check_media, kind, path, self.settings) for kind, path in jobs]
                 results = [f.result() for f in tqdm(futures, desc="media", unit="file", disable=None)]
         else:
-            results = [check_media(kind, path, self.settings) for kind, path in tqdm(jobs, desc="media", unit="file", disable=None)]
+            progress = tqdm(jobs, desc="media", unit="file", disable=None)
+            results = [check_media(kind, path, self.settings) for kind, path in progress]
         self._results.update(zip(jobs, results))
 
     def image(self, path: str) -> MediaResult:
@@ -255,7 +270,9 @@ def parse_entry(entry: Entry, report: DatasetReport) -> list[Sample] | Problem:
         return Problem(entry.index, entry.line, _structure_kind(exc), exc.reason)
 
 
-def check_samples(entry: Entry, samples: list[Sample], report: DatasetReport, media: MediaChecker, encoder) -> list[Problem]:
+def check_samples(
+    entry: Entry, samples: list[Sample], report: DatasetReport, media: MediaChecker, encoder
+) -> list[Problem]:
     """Every problem of one parsed item; records its token length when it has none."""
     problems = []
     tags = _answer_tags(samples)
@@ -277,7 +294,8 @@ def check_samples(entry: Entry, samples: list[Sample], report: DatasetReport, me
 def check_dataset(config: dict, media: MediaChecker, encoder) -> DatasetReport:
     """Parse every item, decode every media file once (in parallel), then check and count item by item."""
     file = Path(str(config["annotation_path"]))
-    report = DatasetReport(str(config["name"]), file, str(config.get("data_path") or ""), float(config.get("sampling_rate", 1.0)))
+    data_path = str(config.get("data_path") or "")
+    report = DatasetReport(str(config["name"]), file, data_path, float(config.get("sampling_rate", 1.0)))
     entries, report.problems = read_entries(file)
     report.n_samples = len(entries) + sum(p.index is not None for p in report.problems)
     parsed = [(entry, parse_entry(entry, report)) for entry in entries]
@@ -323,7 +341,8 @@ def histogram(lengths: list[int]) -> list[str]:
     top = max(counts)
     lines = []
     for i, count in enumerate(counts):
-        low, high = int(np.ceil(edges[i])), int(np.floor(edges[i + 1]) if i == len(counts) - 1 else np.ceil(edges[i + 1]) - 1)
+        last = i == len(counts) - 1
+        low, high = int(np.ceil(edges[i])), int(np.floor(edges[i + 1]) if last else np.ceil(edges[i + 1]) - 1)
         bar = "#" * int(round(HISTOGRAM_WIDTH * count / top))
         lines.append(f"  {low:>8} - {high:>8} | {bar} {count}")
     return lines
@@ -331,7 +350,8 @@ def histogram(lengths: list[int]) -> list[str]:
 
 def summary_table(reports: list[DatasetReport], args: argparse.Namespace) -> list[str]:
     headers = ["dataset", "samples", "valid", "problems", "min", "median", "p95", "max"]
-    headers += [f">{args.model_max_length}" if args.model_max_length else ">max_len", f">{args.pack_length}" if args.pack_length else ">pack"]
+    headers.append(f">{args.model_max_length}" if args.model_max_length else ">max_len")
+    headers.append(f">{args.pack_length}" if args.pack_length else ">pack")
     rows = []
     for report in reports:
         row = [report.name, report.n_samples, len(report.valid), len(report.problems)]
@@ -354,7 +374,8 @@ def summary_table(reports: list[DatasetReport], args: argparse.Namespace) -> lis
 
 def describe(report: DatasetReport, show: int) -> list[str]:
     """Problem kinds, the first problems, video facts and the length histogram of one dataset."""
-    lines = [f"== {report.name} ({report.file}; media in {report.data_path or '.'}; training rate {report.sampling_rate:g})"]
+    where = f"{report.file}; media in {report.data_path or '.'}; training rate {report.sampling_rate:g}"
+    lines = [f"== {report.name} ({where})"]
     kinds = {kind: sum(p.kind == kind for p in report.problems) for kind in PROBLEM_KINDS}
     if report.problems:
         lines.append("problems: " + ", ".join(f"{kind} {n}" for kind, n in kinds.items() if n))
@@ -367,7 +388,8 @@ def describe(report: DatasetReport, show: int) -> list[str]:
     if report.videos:
         frames = [f for f, _ in report.videos]
         fps = [r for _, r in report.videos]
-        lines.append(f"videos: {len(report.videos)} uses, frames {min(frames)}..{max(frames)}, fps {min(fps):.2f}..{max(fps):.2f}")
+        spread = f"frames {min(frames)}..{max(frames)}, fps {min(fps):.2f}..{max(fps):.2f}"
+        lines.append(f"videos: {len(report.videos)} uses, {spread}")
     if report.lengths:
         lines.append("token lengths:")
         lines.extend(histogram(report.lengths))
@@ -397,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"[check_data] error: cannot write the reports: {exc} (use --output_dir)", file=sys.stderr)
             return 2
-        print(f"wrote {valid_path} ({len(report.valid)} samples) and {problems_path} ({len(report.problems)} problems)\n")
+        print(f"wrote {valid_path} ({len(report.valid)} samples), {problems_path} ({len(report.problems)} problems)\n")
     print("\n".join(summary_table(reports, args)))
     if encoder is None:
         print("(token lengths need --model_path)")

@@ -60,17 +60,42 @@ class CocoImage:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--annotations", required=True, help="COCO-style JSON: images, annotations (bbox [x,y,w,h]), categories")
-    parser.add_argument("--image_root", default=None, help="folder of the images' file_name (default: the JSON's folder)")
-    parser.add_argument("--family", required=True, choices=FAMILIES, help="target model family: decides the coordinate system")
-    parser.add_argument("--output", default=None, help="output JSON (default: <stem>_grounding_<family>.json beside the input)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question; {{categories}} is replaced (default: {DEFAULT_PROMPT!r})")
-    parser.add_argument("--ask", choices=("present", "all"), default="present", help="categories named in the question (default: present)")
+    parser.add_argument(
+        "--annotations", required=True, help="COCO-style JSON: images, annotations (bbox [x,y,w,h]), categories"
+    )
+    parser.add_argument(
+        "--image_root", default=None, help="folder of the images' file_name (default: the JSON's folder)"
+    )
+    parser.add_argument(
+        "--family", required=True, choices=FAMILIES, help="target model family: decides the coordinate system"
+    )
+    parser.add_argument(
+        "--output", default=None, help="output JSON (default: <stem>_grounding_<family>.json beside the input)"
+    )
+    parser.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help=f"question; {{categories}} is replaced (default: {DEFAULT_PROMPT!r})"
+    )
+    parser.add_argument(
+        "--ask",
+        choices=("present", "all"),
+        default="present",
+        help="categories named in the question (default: present)",
+    )
     parser.add_argument("--keep_empty", action="store_true", help="keep images without boxes (answer: [])")
     parser.add_argument("--keep_crowd", action="store_true", help="keep COCO iscrowd=1 boxes (default: dropped)")
     defaults = DataArguments()
-    parser.add_argument("--min_pixels", type=parse_int, default=defaults.min_pixels, help=f"as training, qwen2.5vl only (default: {defaults.min_pixels})")
-    parser.add_argument("--max_pixels", type=parse_int, default=defaults.max_pixels, help=f"as training, qwen2.5vl only (default: {defaults.max_pixels})")
+    parser.add_argument(
+        "--min_pixels",
+        type=parse_int,
+        default=defaults.min_pixels,
+        help=f"as training, qwen2.5vl only (default: {defaults.min_pixels})",
+    )
+    parser.add_argument(
+        "--max_pixels",
+        type=parse_int,
+        default=defaults.max_pixels,
+        help=f"as training, qwen2.5vl only (default: {defaults.max_pixels})",
+    )
     return parser.parse_args(argv)
 
 
@@ -120,9 +145,11 @@ def load_coco(path: Path) -> dict:
     try:
         coco = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConversionError(f"--annotations {path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-    if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")):
-        raise ConversionError(f"--annotations {path}: expected an object with 'images', 'annotations' and 'categories' lists")
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise ConversionError(f"--annotations {path}: malformed JSON at {where}: {exc.msg}") from exc
+    keys = ("images", "annotations", "categories")
+    if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in keys):
+        raise ConversionError(f"--annotations {path}: expected an object with {', '.join(map(repr, keys))} lists")
     return coco
 
 
@@ -228,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     for problem in problems:
         print(f"[convert_detection] skipped {problem}", file=sys.stderr)
     if not samples:
-        print("[convert_detection] error: no sample to write (no image with a usable box; see --keep_empty)", file=sys.stderr)
+        reason = "no sample to write (no image with a usable box; see --keep_empty)"
+        print(f"[convert_detection] error: {reason}", file=sys.stderr)
         return 2
     output = Path(args.output) if args.output else path.with_name(f"{path.stem}_grounding_{args.family}.json")
     try:

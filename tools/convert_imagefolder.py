@@ -64,19 +64,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--csv", help="CSV file with an image path column and a label column")
     parser.add_argument("--image_col", default="image", help="CSV column with image paths (default: image)")
     parser.add_argument("--label_col", default="label", help="CSV column with labels (default: label)")
-    parser.add_argument("--image_root", default=None, help="folder the CSV image paths are relative to (default: the CSV's folder)")
+    parser.add_argument(
+        "--image_root", default=None, help="folder the CSV image paths are relative to (default: the CSV's folder)"
+    )
     parser.add_argument(
         "--class_names",
         default=None,
         help="text file, one class name per line: integer labels or folder names index it (see --label_base); "
         "other labels must appear in it; its order is the class order",
     )
-    parser.add_argument("--label_base", type=int, default=0, help="value of the first integer label (1 for Oxford Flowers' 1..102)")
-    parser.add_argument("--keep_underscores", action="store_true", help="keep '_' in folder class names (default: shown as spaces)")
+    parser.add_argument(
+        "--label_base", type=int, default=0, help="value of the first integer label (1 for Oxford Flowers' 1..102)"
+    )
+    parser.add_argument(
+        "--keep_underscores", action="store_true", help="keep '_' in folder class names (default: shown as spaces)"
+    )
     parser.add_argument("--output_dir", required=True, help="where the split files, classes.txt and registry.json go")
-    parser.add_argument("--name", default=None, help="dataset name prefix in the registry (default: the root folder or CSV stem)")
-    parser.add_argument("--prompt_template", default=DEFAULT_PROMPT, help=f"question text; {{classes}} is replaced (default: {DEFAULT_PROMPT!r})")
-    parser.add_argument("--split", default="0.8,0.1,0.1", help="train,val[,test] ratios, any non-negative numbers (default: 0.8,0.1,0.1)")
+    parser.add_argument(
+        "--name", default=None, help="dataset name prefix in the registry (default: the root folder or CSV stem)"
+    )
+    parser.add_argument(
+        "--prompt_template",
+        default=DEFAULT_PROMPT,
+        help=f"question text; {{classes}} is replaced (default: {DEFAULT_PROMPT!r})",
+    )
+    parser.add_argument(
+        "--split",
+        default="0.8,0.1,0.1",
+        help="train,val[,test] ratios, any non-negative numbers (default: 0.8,0.1,0.1)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="shuffle seed (default: 42)")
     return parser.parse_args(argv)
 
@@ -240,7 +256,8 @@ def write_outputs(data: LabelledImages, splits: list[list[tuple[str, str]]], pro
         if not pairs:
             continue
         samples = [make_sample(image, label, prompt) for image, label in pairs]
-        (out / f"{split_name}.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(samples, indent=1, ensure_ascii=False) + "\n"
+        (out / f"{split_name}.json").write_text(text, encoding="utf-8")
         registry[f"{name}_{split_name}"] = {"annotation_path": f"{split_name}.json", "data_path": data_path}
     (out / "registry.json").write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
     return registry
@@ -251,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fractions = parse_split(args.split)
         if args.root:
-            data = scan_folders(Path(args.root), args.keep_underscores, _read_class_names(args.class_names), args.label_base)
+            names = _read_class_names(args.class_names)
+            data = scan_folders(Path(args.root), args.keep_underscores, names, args.label_base)
         else:
             data = read_csv_labels(args)
     except ConversionError as exc:
@@ -270,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [len(data.by_class[c]) for c in data.classes]
     counts = ", ".join(f"{s} {len(pairs)}" for s, pairs in zip(SPLIT_NAMES, splits))
     print(
-        f"[convert_imagefolder] {sum(sizes)} images in {len(data.classes)} classes ({min(sizes)}..{max(sizes)} per class) "
-        f"-> {counts}; skipped {len(data.skipped)}; registry {Path(args.output_dir) / 'registry.json'}: {', '.join(registry)}"
+        f"[convert_imagefolder] {sum(sizes)} images in {len(data.classes)} classes "
+        f"({min(sizes)}..{max(sizes)} per class) -> {counts}; skipped {len(data.skipped)}; "
+        f"registry {Path(args.output_dir) / 'registry.json'}: {', '.join(registry)}"
     )
     return 1 if data.skipped else 0
 

@@ -61,9 +61,15 @@ class Progress:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="the training run's --output_dir")
-    parser.add_argument("--window", type=int, default=10, help="log records in the moving average and the ETA (default: 10)")
-    parser.add_argument("--watch", type=float, default=0, help="refresh every N seconds until the run ends (default: once)")
-    parser.add_argument("--max_steps", type=int, default=None, help="total steps when no checkpoint exists yet to tell it")
+    parser.add_argument(
+        "--window", type=int, default=10, help="log records in the moving average and the ETA (default: 10)"
+    )
+    parser.add_argument(
+        "--watch", type=float, default=0, help="refresh every N seconds until the run ends (default: once)"
+    )
+    parser.add_argument(
+        "--max_steps", type=int, default=None, help="total steps when no checkpoint exists yet to tell it"
+    )
     parser.add_argument("--plot", default=None, help="plot file (default: <output_dir>/loss.png)")
     parser.add_argument("--no_plot", action="store_true", help="print only")
     parser.add_argument("--plot_size", default="900x640", help="plot width x height in pixels (default: 900x640)")
@@ -160,7 +166,8 @@ def report(log: RunLog, progress: Progress, window: int) -> list[str]:
     if progress.max_steps:
         lines.append(f"progress: step {step}/{progress.max_steps} ({100 * step / progress.max_steps:.1f}%){epoch_text}")
     else:
-        lines.append(f"progress: step {step} (max_steps unknown before the first checkpoint; pass --max_steps){epoch_text}")
+        unknown = "max_steps unknown before the first checkpoint; pass --max_steps"
+        lines.append(f"progress: step {step} ({unknown}){epoch_text}")
     recent = log.train[-window:]
     times = [t for r in recent if (t := number(r.get("step_time_s"))) is not None]
     if times:
@@ -174,7 +181,8 @@ def report(log: RunLog, progress: Progress, window: int) -> list[str]:
     losses = [number(r.get("loss")) for r in log.train]
     losses = [math.nan if v is None else v for v in losses]
     average = moving_average(losses, window)[-1]
-    lines.append(f"loss: {losses[-1]:.4f} (moving average over the last {min(window, len(losses))} logs: {average:.4f})")
+    span = min(window, len(losses))
+    lines.append(f"loss: {losses[-1]:.4f} (moving average over the last {span} logs: {average:.4f})")
     lr = last.get("lr")
     if isinstance(lr, dict) and lr:
         lines.append("lr: " + ", ".join(f"{group} {_fmt(number(v), '.3e')}" for group, v in lr.items()))
@@ -182,9 +190,8 @@ def report(log: RunLog, progress: Progress, window: int) -> list[str]:
         lines.append(f"lr: {number(lr):.3e}")
     skipped = number(last.get("skipped_steps"))
     skipped_text = f"   skipped steps: {skipped:.0f}" if skipped else ""
-    lines.append(
-        f"grad_norm: {_fmt(number(last.get('grad_norm')))}   tokens/s: {_fmt(number(last.get('tokens_per_s')), '.1f')}{skipped_text}"
-    )
+    grad_norm, speed = _fmt(number(last.get("grad_norm"))), _fmt(number(last.get("tokens_per_s")), ".1f")
+    lines.append(f"grad_norm: {grad_norm}   tokens/s: {speed}{skipped_text}")
     memory = last.get("memory")
     if isinstance(memory, dict) and memory:
         lines.append("memory: " + ", ".join(f"{k} {_fmt(number(v), '.0f')}" for k, v in memory.items()))
@@ -283,9 +290,8 @@ def plot_run(log: RunLog, window: int, size: tuple[int, int], path: Path) -> Non
             if (v := number(value)) is not None:
                 groups.setdefault(group, ([], []))[0].append(float(record["step"]))
                 groups[group][1].append(v)
-    lr_series = [
-        (group, xs, ys, GROUP_COLORS[i % len(GROUP_COLORS)], False) for i, (group, (xs, ys)) in enumerate(groups.items())
-    ]
+    colours = [GROUP_COLORS[i % len(GROUP_COLORS)] for i in range(len(groups))]
+    lr_series = [(group, xs, ys, colour, False) for (group, (xs, ys)), colour in zip(groups.items(), colours)]
     draw_panel(draw, (0, split, width, height), "learning rate per group", lr_series, x_range)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
@@ -301,7 +307,8 @@ def refresh(args: argparse.Namespace, output_dir: Path) -> tuple[RunLog, Progres
     for line in report(log, progress, args.window):
         print(line)
     if log.bad_lines:
-        print(f"unreadable log lines (skipped): {', '.join(map(str, log.bad_lines[:10]))}{' ...' if len(log.bad_lines) > 10 else ''}")
+        more = " ..." if len(log.bad_lines) > 10 else ""
+        print(f"unreadable log lines (skipped): {', '.join(map(str, log.bad_lines[:10]))}{more}")
     if log.train and not args.no_plot:
         plot = Path(args.plot) if args.plot else output_dir / "loss.png"
         plot_run(log, args.window, args.plot_size, plot)
