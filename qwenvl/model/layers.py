@@ -32,6 +32,19 @@ def on_ascend() -> bool:
     return ms.get_context("device_target") == "Ascend"
 
 
+@constexpr
+def on_cpu() -> bool:
+    return ms.get_context("device_target") == "CPU"
+
+
+def matmul(a, b):
+    """ops.matmul in the inputs' dtype; the CPU backend has no half-precision MatMul kernel, so there
+    half-precision inputs are multiplied in float32 and the product rounded back (same storage precision)."""
+    if on_cpu() and a.dtype != ms.float32:
+        return ops.cast(ops.matmul(ops.cast(a, ms.float32), ops.cast(b, ms.float32)), a.dtype)
+    return ops.matmul(a, b)
+
+
 def zeros_parameter(*shape: int) -> Parameter:
     """A float32 parameter allocated lazily, filled later by `init_parameters` or a checkpoint."""
     return Parameter(initializer("zeros", shape, ms.float32))
@@ -55,7 +68,7 @@ class Linear(nn.Cell):
         self.bias = zeros_parameter(d_out) if bias else None
 
     def construct(self, x):
-        y = ops.matmul(x, ops.cast(self.weight, x.dtype).swapaxes(0, 1))
+        y = matmul(x, ops.cast(self.weight, x.dtype).swapaxes(0, 1))
         if self.bias is not None:
             y = y + ops.cast(self.bias, x.dtype)
         return y
@@ -89,7 +102,7 @@ class PatchProjection(nn.Cell):
         self.embed_dim = embed_dim
 
     def construct(self, x):
-        y = ops.matmul(x, ops.cast(self.weight, x.dtype).reshape(self.embed_dim, -1).swapaxes(0, 1))
+        y = matmul(x, ops.cast(self.weight, x.dtype).reshape(self.embed_dim, -1).swapaxes(0, 1))
         if self.bias is not None:
             y = y + ops.cast(self.bias, x.dtype)
         return y
@@ -232,9 +245,9 @@ def attention(q, k, v, mask, scale: float):
         return _flash_attention(q, k, v, mask, scale)
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    scores = ops.cast(ops.matmul(q, k.swapaxes(-1, -2)), ms.float32) * scale + mask
+    scores = ops.cast(matmul(q, k.swapaxes(-1, -2)), ms.float32) * scale + mask
     probs = ops.cast(ops.softmax(scores, -1), v.dtype)
-    out = ops.matmul(probs, v)
+    out = matmul(probs, v)
     b, h, length, d = out.shape
     return out.swapaxes(1, 2).reshape(b, length, h * d)
 
