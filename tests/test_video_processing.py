@@ -122,3 +122,19 @@ def test_missing_and_truncated_videos_name_the_file(media_dir, tmp_path):
     truncated.write_bytes((media_dir / "v_rBMQFpHspmo.mp4").read_bytes()[:20000])
     with pytest.raises(ValueError, match="truncated.mp4"):
         read_video(truncated, QWEN25)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
+def test_truncated_video_is_a_value_error_naming_the_file(tmp_path, keep):
+    """decord raises its own error types (sometimes at the first frame): they must surface as ValueError."""
+    from tests.avi_writer import write_mjpeg_avi
+
+    frames = np.random.default_rng(0).integers(0, 256, (8, 32, 48, 3), dtype=np.uint8)
+    path = tmp_path / "clip.avi"
+    write_mjpeg_avi(path, frames, fps=4)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    settings = VisionSettings.for_family("qwen2.5vl")
+    with pytest.raises(ValueError, match="clip.avi"):
+        read_video_meta(path)
+        read_video(path, settings)

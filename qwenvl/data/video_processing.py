@@ -58,14 +58,18 @@ def _open(path: str | Path):
         raise ValueError(f"cannot open video {path}: {exc}") from exc
 
 
-def _meta(reader) -> VideoMeta:
-    height, width = reader[0].shape[:2]
-    return VideoMeta(total_frames=len(reader), fps=float(reader.get_avg_fps()), height=height, width=width)
+def _meta(reader, path: str | Path) -> VideoMeta:
+    """Frame count, fps and size; a first frame that does not decode is a ValueError naming the file."""
+    try:
+        height, width = reader[0].shape[:2]
+        return VideoMeta(total_frames=len(reader), fps=float(reader.get_avg_fps()), height=height, width=width)
+    except Exception as exc:  # decord raises its own error types on truncated or corrupt files
+        raise ValueError(f"cannot decode the first frame of video {path}: {exc}") from exc
 
 
 def read_video_meta(path: str | Path) -> VideoMeta:
     """Frame count, fps and frame size (decodes at most one frame)."""
-    return _meta(_open(path))
+    return _meta(_open(path), path)
 
 
 def sample_frames_qwen25(meta: VideoMeta, settings: VisionSettings) -> np.ndarray:
@@ -92,7 +96,7 @@ def sample_frames(meta: VideoMeta, settings: VisionSettings) -> np.ndarray:
 def read_video(path: str | Path, settings: VisionSettings) -> VideoClip:
     """Decode only the sampled frames."""
     reader = _open(path)
-    meta = _meta(reader)
+    meta = _meta(reader, path)
     indices = sample_frames(meta, settings)
     try:
         frames = reader.get_batch(indices.tolist()).asnumpy()
