@@ -18,8 +18,10 @@ SHAPES = ("circle", "square", "triangle")
 QUESTIONS = ("What shape is in the image?", "Describe the object in the picture.", "What do you see?")
 
 
-def draw_shape(shape: str, color: tuple[int, int, int], rng: random.Random, size: int = 112) -> Image.Image:
-    """One shape of one colour on a light, slightly noisy background."""
+def draw_shape(
+    shape: str, color: tuple[int, int, int], rng: random.Random, size: int = 112
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """One shape of one colour on a light, slightly noisy background, and its box (x1, y1, x2, y2)."""
     image = Image.new("RGB", (size, size), tuple(rng.randint(225, 255) for _ in range(3)))
     draw = ImageDraw.Draw(image)
     half = rng.randint(size // 5, size // 3)
@@ -31,19 +33,28 @@ def draw_shape(shape: str, color: tuple[int, int, int], rng: random.Random, size
         draw.rectangle(box, fill=color)
     else:
         draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=color)
-    return image
+    return image, box
 
 
 def make_demo(out: Path, copies: int = 4, seed: int = 0) -> list[dict]:
-    """Images under `out/images`, annotations in `out/demo_images.json`; returns the samples."""
+    """Images under `out/images`, annotations in `out/demo_images.json`, and the shapes' boxes as a COCO
+    detection file `out/demo_detection_coco.json` (for the grounding recipe); returns the samples."""
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     samples = []
+    categories = {shape: k + 1 for k, shape in enumerate(SHAPES)}
+    coco: dict[str, list] = {"images": [], "annotations": [],
+                             "categories": [{"id": i, "name": s} for s, i in categories.items()]}  # fmt: skip
     for color, rgb in COLORS.items():
         for shape in SHAPES:
             for copy in range(copies):
                 name = f"images/{color}_{shape}_{copy}.png"
-                draw_shape(shape, rgb, rng).save(out / name, optimize=True)
+                image, (x1, y1, x2, y2) = draw_shape(shape, rgb, rng)
+                image.save(out / name, optimize=True)
+                image_id = len(coco["images"]) + 1
+                coco["images"].append({"id": image_id, "file_name": name, "width": image.width, "height": image.height})
+                coco["annotations"].append({"id": image_id, "image_id": image_id, "category_id": categories[shape],
+                                            "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": 0})  # fmt: skip
                 samples.append(
                     {
                         "image": name,
@@ -54,6 +65,7 @@ def make_demo(out: Path, copies: int = 4, seed: int = 0) -> list[dict]:
                     }
                 )
     (out / "demo_images.json").write_text(json.dumps(samples, indent=1) + "\n", encoding="utf-8")
+    (out / "demo_detection_coco.json").write_text(json.dumps(coco, indent=1) + "\n", encoding="utf-8")
     return samples
 
 
