@@ -238,3 +238,15 @@ def test_compiled_value_and_grad_equals_pynative(setup):
     np.testing.assert_allclose(float(loss_sum) / float(n_tokens), eager_loss, rtol=1e-5)
     for g, (name, e) in zip(grads, eager_grads.items()):
         np.testing.assert_allclose(g.asnumpy() / float(n_tokens), e, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_float16_compute_is_close_and_bfloat16_is_refused_on_cpu(setup):
+    if setup.family != "qwen2.5vl":
+        pytest.skip("dtype handling is shared by both families")
+    half = load_model(setup.model_dir, dtype="float16")
+    inputs = setup.inputs(setup.cases["image"])
+    logits = half.logits(**inputs).asnumpy()
+    assert logits.dtype == np.float32
+    np.testing.assert_allclose(logits, setup.ref["image"]["logits"], rtol=0, atol=2e-2)
+    with pytest.raises(ValueError, match="bfloat16"):
+        build_model(setup.model.config, dtype="bfloat16")

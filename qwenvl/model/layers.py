@@ -45,6 +45,17 @@ def matmul(a, b):
     return ops.matmul(a, b)
 
 
+def compute_dtype(name: str) -> ms.Type:
+    """The MindSpore dtype for a model's `dtype=` name. bfloat16 is refused on CPU up front: MindSpore's
+    CPU backend has no bfloat16 kernels for Mul, MatMul or Gather (float16 works there, matmuls in float32)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
+    if name == "bfloat16" and ms.get_context("device_target") == "CPU":
+        raise ValueError("bfloat16 compute needs an Ascend or GPU device: MindSpore's CPU backend lacks bfloat16 "
+                         "kernels; use dtype='float32' (or 'float16') on CPU")
+    return DTYPES[name]
+
+
 def zeros_parameter(*shape: int) -> Parameter:
     """A float32 parameter allocated lazily, filled later by `init_parameters` or a checkpoint."""
     return Parameter(initializer("zeros", shape, ms.float32))

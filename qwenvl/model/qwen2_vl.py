@@ -16,7 +16,6 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from qwenvl.model.layers import (
-    DTYPES,
     NEG_INF,
     Embedding,
     LayerNorm,
@@ -29,6 +28,7 @@ from qwenvl.model.layers import (
     attention,
     block_attention_mask,
     causal_lm_loss_sum,
+    compute_dtype,
     frame_cu_seqlens,
     set_recompute,
     text_attention_mask,
@@ -295,7 +295,7 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
         self.lm_head = Linear(self.text["hidden_size"], self.text["vocab_size"], bias=False)
         if self.text["tie_word_embeddings"]:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
-        self.compute_dtype = DTYPES[dtype]
+        self.compute_dtype = compute_dtype(dtype)
         self.merge = self.vision["spatial_merge_size"]
         head_dim = self._vision_dim() // self.vision["num_heads"]
         self.vision_head_dim = head_dim
