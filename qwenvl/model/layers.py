@@ -251,8 +251,9 @@ def attention(q, k, v, mask, scale: float):
     """Softmax attention over (B, H, L, D) q and (B, Hkv, L, D) k/v with an additive float32 mask.
 
     `mask` broadcasts to (B, H, L, L) with 0 where allowed and NEG_INF elsewhere. Returns (B, L, H*D).
+    On Ascend, half-precision inputs take the fused flash-attention kernel (it has no float32 mode).
     """
-    if on_ascend():
+    if on_ascend() and q.dtype != ms.float32:
         return _flash_attention(q, k, v, mask, scale)
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
