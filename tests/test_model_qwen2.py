@@ -203,6 +203,28 @@ def test_saved_names_are_the_legacy_disk_names(setup):
     assert not any(n.startswith(("model.visual.", "model.language_model.")) for n in names)
 
 
+def _write_bfloat16(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A safetensors file of BF16 tensors (the float32 values truncated), laid out by hand."""
+    header, blobs, offset = {}, [], 0
+    for name, array in arrays.items():
+        blob = (np.ascontiguousarray(array, np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs))
+
+
+def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
+    arrays = {"a": np.array([[1.0, -2.5], [3.1415926, 1e-3]], np.float32), "b": np.arange(3, dtype=np.float32)}
+    _write_bfloat16(tmp_path / "w.safetensors", arrays)
+    loaded = dict(iter_safetensors(tmp_path / "w.safetensors"))
+    truncated = (arrays["a"].view(np.uint32) & 0xFFFF0000).view(np.float32)
+    np.testing.assert_array_equal(loaded["a"], truncated)
+    np.testing.assert_array_equal(loaded["b"], arrays["b"])
+    assert loaded["a"].dtype == np.float32
+
+
 def test_sharded_checkpoint_with_memory_names_round_trips(setup, tmp_path):
     """A sharded checkpoint using 4.57 in-memory names loads too, and gives the same logits."""
     params = named_parameters(setup.model)
@@ -235,13 +257,15 @@ def test_vision_token_count_mismatch_is_rejected(setup):
         setup.model.prepare_inputs(batch)
 
 
-def test_compiled_value_and_grad_equals_pynative(setup):
+def test_compiled_value_and_grad_with_recompute_equals_pynative(setup):
     if setup.family != "qwen2.5vl":
         pytest.skip("one family is enough to check compilation (same graph code)")
     inputs = setup.inputs(setup.cases["two_images"])
-    order = list(inspect.signature(setup.model.construct).parameters)
-    params = list(named_parameters(setup.model).values())
-    step = ms.jit(ms.value_and_grad(setup.model, None, params, has_aux=True))
+    model = load_model(setup.model_dir)
+    model.enable_recompute()
+    order = list(inspect.signature(model.construct).parameters)
+    params = list(named_parameters(model).values())
+    step = ms.jit(ms.value_and_grad(model, None, params, has_aux=True))
     (loss_sum, n_tokens), grads = step(*[inputs.get(name) for name in order])
     eager_loss, eager_grads = _mean_loss_and_grads(setup.model, inputs)
     np.testing.assert_allclose(float(loss_sum) / float(n_tokens), eager_loss, rtol=1e-5)
