@@ -250,6 +250,20 @@ def test_load_reports_missing_unexpected_and_mismatched(setup, tmp_path):
     assert "lm_head.weight" in message
 
 
+def test_vision_patch_padding_does_not_change_logits(setup):
+    """Patches are padded to a multiple of `vision_bucket` (here 76 real -> 256); unpadded gives the same."""
+    inputs = setup.inputs(setup.cases["video"])
+    assert inputs["pixel_values"].shape[0] % setup.model.vision_bucket == 0
+    bucket, setup.model.vision_bucket = setup.model.vision_bucket, 4
+    try:
+        unpadded = setup.inputs(setup.cases["video"])
+    finally:
+        setup.model.vision_bucket = bucket
+    assert unpadded["pixel_values"].shape[0] == 48
+    np.testing.assert_allclose(setup.model.logits(**unpadded).asnumpy(), setup.model.logits(**inputs).asnumpy(),
+                               rtol=0, atol=1e-6)  # fmt: skip
+
+
 def test_vision_token_count_mismatch_is_rejected(setup):
     batch = dict(setup.cases["image"])
     batch["input_ids"] = np.where(batch["input_ids"] == 5, 9, batch["input_ids"])

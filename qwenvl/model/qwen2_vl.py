@@ -38,6 +38,9 @@ from qwenvl.model.layers import (
 )
 
 TEXT_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": False}
+# Patches per vision pass are padded to a multiple of this (one extra attention block whose merged outputs no
+# token takes), so images of different sizes share a few compiled shapes instead of compiling a graph each.
+VISION_BUCKET = 256
 VISION_DEFAULTS = {"in_channels": 3, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2}
 
 
@@ -297,8 +300,8 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         self.compute_dtype = compute_dtype(dtype)
         self.merge = self.vision["spatial_merge_size"]
-        head_dim = self._vision_dim() // self.vision["num_heads"]
-        self.vision_head_dim = head_dim
+        self.vision_head_dim = self._vision_dim() // self.vision["num_heads"]
+        self.vision_bucket = VISION_BUCKET
 
     @staticmethod
     def _vision_tower(vision: dict) -> VisionTransformer:
@@ -307,8 +310,8 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
     def _vision_dim(self) -> int:
         raise NotImplementedError
 
-    def _window_inputs(self, grid: np.ndarray, rope_ids: np.ndarray, n: int) -> dict[str, np.ndarray]:
-        """Extra vision inputs of window attention (none for Qwen2-VL)."""
+    def _window_inputs(self, grid: np.ndarray, n_real: int, n: int) -> dict[str, np.ndarray]:
+        """Extra vision inputs of window attention over `n` patches, the last `n - n_real` padding (none for Qwen2-VL)."""
         return {}
 
     def enable_recompute(self) -> None:
@@ -349,17 +352,20 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
         if not pixels:
             return {}
         grid = np.concatenate(grids)
-        n = sum(len(p) for p in pixels)
-        rope_ids = vision_rope_ids(grid, self.merge)
-        extra = self._window_inputs(grid, rope_ids, n)
+        n_real = sum(len(p) for p in pixels)
+        n = -(-n_real // self.vision_bucket) * self.vision_bucket
+        frames = frame_cu_seqlens(grid)
+        rope_ids = np.concatenate([vision_rope_ids(grid, self.merge), np.zeros((n - n_real, 2), np.int64)])
+        extra = self._window_inputs(grid, n_real, n)
         if "vision_patch_order" in extra:
             rope_ids = rope_ids[extra["vision_patch_order"]]
         cos, sin = vision_rope_cos_sin(rope_ids, self.vision_head_dim)
+        padding = np.zeros((n - n_real, pixels[0].shape[1]), np.float32)
         return {
-            "pixel_values": np.concatenate(pixels),
+            "pixel_values": np.concatenate(pixels + [padding]),
             "vision_cos": cos,
             "vision_sin": sin,
-            "vision_full_mask": block_attention_mask(frame_cu_seqlens(grid), n),
+            "vision_full_mask": block_attention_mask(np.append(frames, n), n),
             **extra,
             "vision_index": index,
             "vision_slots": slots,
@@ -422,12 +428,13 @@ class Qwen2_5_VLForConditionalGeneration(_Qwen2FamilyForConditionalGeneration):
     def _vision_dim(self) -> int:
         return self.vision["hidden_size"]
 
-    def _window_inputs(self, grid: np.ndarray, rope_ids: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    def _window_inputs(self, grid: np.ndarray, n_real: int, n: int) -> dict[str, np.ndarray]:
         unit = self.merge * self.merge
         order, cu_window = window_layout(grid, self.merge, self.vision["patch_size"], self.vision["window_size"])
+        order = np.concatenate([order, np.arange(n_real // unit, n // unit)])
         patch_order = (order[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
         return {
-            "vision_window_mask": block_attention_mask(cu_window, n),
+            "vision_window_mask": block_attention_mask(np.append(cu_window, n), n),
             "vision_patch_order": patch_order.astype(np.int32),
             "vision_merge_order": np.argsort(order).astype(np.int32),
         }
