@@ -125,7 +125,7 @@ def _packed(cases: dict[str, dict[str, np.ndarray]], names: list[str], pad: int)
 # ------------------------------------------------------------------------------------------- reference
 
 
-def _patch_mindtorch(torch, text_model_cls) -> None:
+def _patch_mindtorch(torch, text_model_classes: tuple) -> None:
     """Work around two mindtorch (CPU) defects the HF forward hits, each replaced by the same maths:
     `.to(device)` onto the current CPU device round-trips through numpy and drops the gradient (HF moves the
     vision features with `.to(inputs_embeds.device, ...)`), and assignment through a 2-D boolean index is
@@ -141,32 +141,45 @@ def _patch_mindtorch(torch, text_model_cls) -> None:
         return flat.index_add(0, index, visual_embeds.to(flat.dtype)).reshape(hidden_states.shape)
 
     torch.Tensor._move_to = same_device_move
-    text_model_cls._deepstack_process = deepstack_process
+    for cls in text_model_classes:
+        cls._deepstack_process = deepstack_process
 
 
 def _reference_main(work: Path) -> None:
-    """Subprocess entry. Loads work/ours (written by our save_model) with `from_pretrained` and returns, per
-    case, logits, token-mean loss and every gradient; also saves a fresh seeded HF model to work/hf with
-    `save_pretrained` and returns its logits on ROUND_TRIP_CASE."""
+    """Subprocess entry: `_reference_family` for every family folder under `work`."""
     import mindnlp  # noqa: F401  (maps torch / transformers onto MindSpore)
+    import torch
+    import transformers
+
+    _patch_mindtorch(torch, (transformers.Qwen3VLTextModel, transformers.Qwen3VLMoeTextModel))
+    stored = np.load(work / "cases.npz")
+    for family in FAMILIES:
+        _reference_family(work / family, stored)
+
+
+def _reference_family(work: Path, stored) -> None:
+    """Loads work/ours (written by our save_model) with `from_pretrained`; per case logits, token-mean loss and
+    every gradient; also saves a fresh seeded HF model to work/hf (`save_pretrained`) with its logits on
+    ROUND_TRIP_CASE. Writes work/results.npz."""
     import mindtorch
     import torch
     import transformers
 
     cfg = json.loads((work / "ours" / "config.json").read_text())
-    prefix = {"qwen3_vl": "Qwen3VL", "qwen3_vl_moe": "Qwen3VLMoe"}[cfg["model_type"]]
-    _patch_mindtorch(torch, getattr(transformers, f"{prefix}TextModel"))
-    cls = getattr(transformers, f"{prefix}ForConditionalGeneration")
+    cls = getattr(transformers, cfg["architectures"][0])
     model, info = cls.from_pretrained(work / "ours", attn_implementation="eager", output_loading_info=True)
     model.eval()  # mindtorch cannot run the MoE training loop (2-D @ 3-D matmul); eval is the same maths
     results = {f"load/{k}": np.array(sorted(map(str, v)), dtype=str) for k, v in info.items()}
     names, params = zip(*model.named_parameters())
-    stored = np.load(work / "cases.npz")
 
     def inputs(case: str) -> dict:
         return {k: torch.tensor(stored[f"{case}/{k}"]) for k in HF_KEYS if f"{case}/{k}" in stored.files}
 
     for case in sorted({k.split("/")[0] for k in stored.files}):
+        if case == ROUND_TRIP_CASE:  # logits and loss only (see test_image_and_video_in_one_sample)
+            out = model(**inputs(case))
+            results[f"{case}/loss"], results[f"{case}/logits"] = out.loss.asnumpy(), out.logits.asnumpy()
+            continue
 
         def loss_and_logits(kwargs=inputs(case)):
             out = model(**kwargs)
@@ -185,12 +198,14 @@ def _reference_main(work: Path) -> None:
     np.savez(work / "results.npz", **results)
 
 
-def _run_reference(work: Path, model, cases: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    save_model(model, work / "ours")
+def _run_reference(work: Path, models: dict, cases: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
+    """{family: reference results}, every family in one child process (mindnlp is imported once)."""
+    for family, model in models.items():
+        save_model(model, work / family / "ours")
     np.savez(work / "cases.npz", **{f"{c}/{k}": v for c, b in cases.items() for k, v in b.items()})
     proc = subprocess.run([sys.executable, __file__, str(work)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(np.load(work / "results.npz"))
+    return {family: dict(np.load(work / family / "results.npz")) for family in models}
 
 
 # ---------------------------------------------------------------------------------------------- native
@@ -218,15 +233,21 @@ def _assert_grads_close(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray],
         assert err <= rel, f"gradient of {name}: max |diff| / max |ref| = {err:.2e}"
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def setup(request, tmp_path_factory):
-    """(model, cases, reference results) for one family, the reference computed once per module."""
-    model = build_model(_config(request.param), seed=0)
-    assert isinstance(model, FAMILIES[request.param])
-    work = tmp_path_factory.mktemp(request.param)
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Seeded models of every family, the test cases, and the HF reference results, computed once."""
+    models = {family: build_model(_config(family), seed=0) for family in FAMILIES}
+    work = tmp_path_factory.mktemp("qwen3")
     cases = _cases()
-    ref = _run_reference(work, model, cases)
-    return model, cases, ref, work
+    return models, cases, _run_reference(work, models, cases), work
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def setup(request, references):
+    """(model, cases, reference results, family work folder) for one family."""
+    models, cases, refs, work = references
+    assert isinstance(models[request.param], FAMILIES[request.param])
+    return models[request.param], cases, refs[request.param], work / request.param
 
 
 def _ref_grads(ref: dict[str, np.ndarray], case: str) -> dict[str, np.ndarray]:
@@ -251,9 +272,10 @@ def test_image_and_video_in_one_sample(setup):
     through which mindtorch passes no gradient. The packed test checks that gradient (image and video samples
     in one row are one vision pass for us, separate HF runs for the reference)."""
     model, cases, ref, _ = setup
-    logits, loss_sum, n_tokens, _ = _native(model, cases["image_video"])
-    np.testing.assert_allclose(logits, ref["image_video/logits"], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(loss_sum / n_tokens, ref["image_video/loss"], rtol=1e-4)
+    inputs = model.prepare_inputs(cases["image_video"])
+    loss_sum, n_tokens = model(**inputs)
+    np.testing.assert_allclose(model.logits(**inputs).asnumpy(), ref["image_video/logits"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose((loss_sum / n_tokens).asnumpy(), ref["image_video/loss"], rtol=1e-4)
 
 
 def test_packed_row_equals_samples_one_by_one(setup):

@@ -19,19 +19,21 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from qwenvl.model.layers import (
-    DTYPES,
     Embedding,
     LayerNorm,
     Linear,
     MRotaryEmbedding,
+    PatchProjection,
     RMSNorm,
     activation,
     apply_rotary,
     attention,
     block_attention_mask,
     causal_lm_loss_sum,
+    compute_dtype,
     frame_cu_seqlens,
     gelu_exact,
+    matmul,
     set_recompute,
     text_attention_mask,
     vision_rope_cos_sin,
@@ -75,29 +77,14 @@ def _sub_config(config: dict, key: str, defaults: dict[str, Any]) -> dict[str, A
 # ------------------------------------------------------------------------------------------------- vision
 
 
-class PatchConv3d(nn.Cell):
-    """Conv3d with stride == kernel on pre-flattened patches, i.e. one matmul; weight keeps HF's 5-D shape."""
-
-    NORMAL_INIT = ("weight",)
-
-    def __init__(self, vc: dict[str, Any]) -> None:
-        super().__init__()
-        p, t = vc["patch_size"], vc["temporal_patch_size"]
-        self.weight = zeros_parameter(vc["hidden_size"], vc["in_channels"], t, p, p)
-        self.bias = zeros_parameter(vc["hidden_size"])
-        self.embed_dim = vc["hidden_size"]
-
-    def construct(self, x):
-        w = ops.cast(self.weight, x.dtype).reshape(self.embed_dim, -1)
-        return ops.matmul(x, w.swapaxes(0, 1)) + ops.cast(self.bias, x.dtype)
-
-
 class Qwen3VLVisionPatchEmbed(nn.Cell):
-    """Holds the projection as `proj`, as HF names it (`patch_embed.proj.weight`)."""
+    """Holds the Conv3d-as-matmul projection (with bias) as `proj`, as HF names it."""
 
     def __init__(self, vc: dict[str, Any]) -> None:
         super().__init__()
-        self.proj = PatchConv3d(vc)
+        self.proj = PatchProjection(
+            vc["in_channels"], vc["temporal_patch_size"], vc["patch_size"], vc["hidden_size"], bias=True
+        )
 
     def construct(self, x):
         return self.proj(x)
@@ -281,9 +268,9 @@ class Qwen3VLMoeTextExperts(nn.Cell):
 
     def construct(self, x, routing):
         """x (T, hidden), routing (T, E) dense weights (0 for unselected experts) -> (T, hidden)."""
-        gate_up = ops.matmul(x[None], ops.cast(self.gate_up_proj, x.dtype))  # (E, T, 2*inter)
+        gate_up = matmul(x[None], ops.cast(self.gate_up_proj, x.dtype))  # (E, T, 2*inter)
         hidden = self.act(gate_up[..., : self.inter]) * gate_up[..., self.inter :]
-        out = ops.matmul(hidden, ops.cast(self.down_proj, x.dtype))  # (E, T, hidden)
+        out = matmul(hidden, ops.cast(self.down_proj, x.dtype))  # (E, T, hidden)
         return (out * routing.swapaxes(0, 1)[..., None]).sum(0)
 
 
@@ -361,7 +348,7 @@ class Qwen3VLForConditionalGeneration(nn.Cell):
         self.lm_head = Linear(tc["hidden_size"], tc["vocab_size"], False)
         if tc["tie_word_embeddings"]:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
-        self.compute_dtype = DTYPES[dtype]
+        self.compute_dtype = compute_dtype(dtype)
         self.image_token_id = int(config.get("image_token_id", tc.get("image_token_id", 151655)))
         self.video_token_id = int(config.get("video_token_id", tc.get("video_token_id", 151656)))
         self.merge = vc["spatial_merge_size"]
