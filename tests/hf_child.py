@@ -3,7 +3,8 @@ importing mindnlp would patch mindspore.Tensor for the native models).
 
     python tests/hf_child.py <work_dir>    # reads request.json and inputs.npz, writes out.npz
 Requests: {"task": "peft_logits", "base": DIR, "adapter": DIR} -> logits of PeftModel(base, adapter);
-          {"task": "generate", "base": DIR, "max_new_tokens": N} -> greedy `generate` new tokens.
+          {"task": "generate", "base": DIR, "max_new_tokens": N} -> greedy `generate` new tokens;
+          {"task": "logits", "base": DIR} -> logits, and the missing/unexpected keys of `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ def _main(work: Path) -> None:
     arrays = np.load(work / "inputs.npz")
     inputs = {key: torch.tensor(arrays[key]) for key in arrays.files}
     config = json.loads((Path(request["base"]) / "config.json").read_text(encoding="utf-8"))
-    model = getattr(transformers, config["architectures"][0]).from_pretrained(request["base"])
+    model, info = getattr(transformers, config["architectures"][0]).from_pretrained(
+        request["base"], output_loading_info=True
+    )
     model.eval()
-    if request["task"] == "peft_logits":
+    if request["task"] == "logits":
+        problems = [f"{kind}:{key}" for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") for key in info[kind]]
+        out = {"logits": model(**inputs).logits.detach().numpy(), "problems": np.array(problems, dtype=str)}
+    elif request["task"] == "peft_logits":
         import peft.utils.save_and_load as peft_io
         from peft import PeftModel
         from safetensors.numpy import load_file

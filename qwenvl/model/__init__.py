@@ -93,8 +93,14 @@ def load_model(model_dir: str | Path, dtype: str = "float32") -> nn.Cell:
 
     ValueError naming missing, unexpected or shape-mismatched tensors.
     """
-    model_dir = Path(model_dir)
     model = _instantiate(read_config(model_dir), dtype)
+    load_weights(model, model_dir)
+    return model
+
+
+def load_weights(model: nn.Cell, model_dir: str | Path) -> None:
+    """Stream a checkpoint folder's tensors into an existing model (resume keeps the same Parameter objects)."""
+    model_dir = Path(model_dir)
     params = named_parameters(model)
     optional = {"lm_head.weight"} if _is_tied(model) else set()
     loaded, unexpected, mismatched = set(), [], []
@@ -117,7 +123,6 @@ def load_model(model_dir: str | Path, dtype: str = "float32") -> nn.Cell:
                 if items]  # fmt: skip
     if problems:
         raise ValueError(f"checkpoint {model_dir} does not match {type(model).__name__}: " + "; ".join(problems))
-    return model
 
 
 def save_model(model: nn.Cell, out_dir: str | Path, max_shard_size: int = 5 * 2**30) -> None:

@@ -1,0 +1,93 @@
+"""train_qwen.py end to end on a tiny Qwen2.5-VL: training, HF-format checkpoints that transformers and a
+fresh process load to equal logits, and resume equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from qwenvl.data.annotations import parse_sample
+from qwenvl.data.arguments import DataArguments
+from qwenvl.data.collators import collate_padded
+from qwenvl.data.pipeline import build_encoder
+from qwenvl.model import load_model
+from qwenvl.train.train_qwen import main
+from tests.hf_child import run_child
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _flags(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(model_dir), "--dataset_use", "demo_images%25", "--output_dir", str(out),
+            "--tune_mm_llm", "True", "--tune_mm_mlp", "True", "--tune_mm_vision", "True", "--learning_rate", "1e-3",
+            "--per_device_train_batch_size", "2", "--max_steps", "6", "--save_steps", "3", "--logging_steps", "3",
+            "--model_max_length", "256", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_factory, tmp_path_factory) -> dict[str, Path]:
+    tiny = tiny_model_factory("qwen2.5vl")
+    root = tmp_path_factory.mktemp("train_qwen")
+    assert main(_flags(tiny, root / "full")) == 0
+    (root / "resumed").mkdir()
+    shutil.copytree(root / "full" / "checkpoint-3", root / "resumed" / "checkpoint-3")
+    assert main(_flags(tiny, root / "resumed")) == 0
+    return {"tiny": tiny, "full": root / "full", "resumed": root / "resumed"}
+
+
+def _batch(model_dir: Path) -> dict:
+    encoder = build_encoder(model_dir, DataArguments())
+    item = {"image": "images/blue_square_0.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat do you see?"}, {"from": "gpt", "value": "A blue square."}]}  # fmt: skip
+    return collate_padded([encoder.encode(parse_sample(item, str(ROOT / "demo")))], pad_token_id=encoder.special.pad)
+
+
+def test_resumed_run_ends_with_the_uninterrupted_weights(runs):
+    full, resumed = load_file(str(runs["full"] / "model.safetensors")), load_file(str(runs["resumed"] / "model.safetensors"))
+    assert full.keys() == resumed.keys()
+    for name in full:
+        np.testing.assert_allclose(resumed[name], full[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    base = load_file(str(runs["tiny"] / "model.safetensors"))
+    assert any(not np.array_equal(base[n], full[n]) for n in full)  # it trained
+
+
+def test_checkpoint_is_a_transformers_checkpoint_with_equal_logits(runs, tmp_path):
+    checkpoint = runs["full"] / "checkpoint-6"
+    batch = _batch(checkpoint)
+    ours = load_model(checkpoint)
+    ours.set_train(False)
+    logits = ours.logits(**ours.prepare_inputs(batch)).asnumpy()
+    ref = run_child(tmp_path / "hf", {"task": "logits", "base": str(checkpoint)}, batch)
+    assert list(ref["problems"]) == []  # every HF tensor name and shape present, nothing extra
+    np.testing.assert_allclose(logits, ref["logits"], atol=1e-5)
+    # and a fresh process of ours reloads it to the same logits
+    np.savez(tmp_path / "batch.npz", **{k: v for k, v in batch.items() if v is not None})
+    code = (
+        "import sys, numpy as np\n"
+        "from qwenvl.model import load_model\n"
+        "m = load_model(sys.argv[1]); m.set_train(False)\n"
+        "b = dict(np.load(sys.argv[2]))\n"
+        "np.save(sys.argv[3], m.logits(**m.prepare_inputs(b)).asnumpy())\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(checkpoint), str(tmp_path / "batch.npz"), str(tmp_path / "l.npy")],
+                   check=True, cwd=ROOT, capture_output=True)  # fmt: skip
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy"), logits, atol=1e-6)
+
+
+def test_output_folder_has_processor_files_with_training_limits(runs):
+    import json
+
+    out = runs["full"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "train_summary.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "preprocessor_config.json").read_text())["max_pixels"] == DataArguments().max_pixels
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["last_loss"] < summary["first_loss"]
+    assert json.loads((runs["resumed"] / "train_summary.json").read_text())["resumed_from"].endswith("checkpoint-3")
