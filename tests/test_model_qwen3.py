@@ -332,6 +332,36 @@ def test_compiled_step_with_recompute_equals_pynative(family):
         np.testing.assert_allclose(jit_grad.asnumpy(), grad.asnumpy(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_float16_compute_close_to_float32(family):
+    """dtype="float16" keeps float32 master weights and float32 logits/loss; results within half precision."""
+    batch = _cases()["image_video"]
+    results = []
+    for dtype in ("float32", "float16"):
+        model = build_model(_config(family), seed=0, dtype=dtype)
+        inputs = model.prepare_inputs(batch)
+        loss_sum, n_tokens = model(**inputs)
+        logits = model.logits(**inputs)
+        assert logits.dtype == ms.float32 and loss_sum.dtype == ms.float32
+        assert all(p.dtype == ms.float32 for p in model.trainable_params())
+        results.append((logits.asnumpy(), float((loss_sum / n_tokens).asnumpy())))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=0, atol=3e-3)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-3)
+
+
+def test_tied_lm_head_shares_the_embedding_and_round_trips(tmp_path):
+    cfg = _config("qwen3vl")
+    cfg["text_config"]["tie_word_embeddings"] = True
+    model = build_model(cfg, seed=2)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert sum(p is model.lm_head.weight for p in model.trainable_params()) == 1
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.language_model.embed_tokens.weight
+    inputs = model.prepare_inputs(_cases()["image"])
+    np.testing.assert_array_equal(loaded.logits(**inputs).asnumpy(), model.logits(**inputs).asnumpy())
+
+
 def test_prepare_inputs_rejects_pad_count_mismatch():
     model = Qwen3VLForConditionalGeneration(_config("qwen3vl"))
     batch = _cases()["image"]
