@@ -194,7 +194,12 @@ def rotate_half(x):
 
 
 def apply_rotary(x, cos, sin):
-    """x * cos + rotate_half(x) * sin in float32 (cos/sin broadcast to x), returned in x's dtype."""
+    """x * cos + rotate_half(x) * sin in float32 (cos/sin broadcast to x), returned in x's dtype.
+
+    On Ascend, 4-D inputs (BNSD x with 11SD/B1SD cos, or BSND x with 1S1D/BS1D cos) use the fused kernel.
+    """
+    if on_ascend() and x.ndim == 4 and cos.ndim == 4:
+        return ops.rotary_position_embedding(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)
     h = ops.cast(x, ms.float32)
     return ops.cast(h * cos + rotate_half(h) * sin, x.dtype)
 

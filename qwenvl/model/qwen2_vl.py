@@ -90,12 +90,13 @@ class VisionAttention(nn.Cell):
         self.scale = self.head_dim**-0.5
 
     def construct(self, x, mask, cos, sin):
+        """x (N, dim); cos/sin (1, N, 1, head_dim); mask (1, 1, N, N)."""
         n = x.shape[0]
-        qkv = self.qkv(x).reshape(n, 3, self.heads, self.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q = apply_rotary(q, cos, sin).swapaxes(0, 1)[None]
-        k = apply_rotary(k, cos, sin).swapaxes(0, 1)[None]
-        v = v.swapaxes(0, 1)[None]
+        qkv = self.qkv(x).reshape(1, n, 3, self.heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = apply_rotary(q, cos, sin).swapaxes(1, 2)
+        k = apply_rotary(k, cos, sin).swapaxes(1, 2)
+        v = v.swapaxes(1, 2)
         return self.proj(attention(q, k, v, mask, self.scale)[0])
 
 
@@ -167,7 +168,7 @@ class VisionTransformer(nn.Cell):
         x = self.patch_embed(pixel_values)
         if patch_order is not None:
             x = ops.gather(x, patch_order, 0)
-        cos, sin = cos[:, None, :], sin[:, None, :]
+        cos, sin = cos[None, :, None], sin[None, :, None]
         for index, block in enumerate(self.blocks):
             mask = window_mask if self.windowed[index] else full_mask
             x = block(x, mask, cos, sin)
