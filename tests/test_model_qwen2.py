@@ -236,6 +236,17 @@ def test_sharded_checkpoint_with_memory_names_round_trips(setup, tmp_path):
     np.testing.assert_array_equal(loaded.logits(**inputs).asnumpy(), setup.model.logits(**inputs).asnumpy())
 
 
+def test_tied_lm_head_is_one_parameter_saved_once(setup, tmp_path):
+    config = {**setup.model.config, "tie_word_embeddings": True}
+    model = build_model(config, seed=0)
+    assert "lm_head.weight" not in named_parameters(model)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    save_model(model, tmp_path)
+    assert "lm_head.weight" not in {name for name, _ in iter_safetensors(tmp_path / "model.safetensors")}
+    inputs = model.prepare_inputs(setup.cases["image"])
+    np.testing.assert_array_equal(load_model(tmp_path).logits(**inputs).asnumpy(), model.logits(**inputs).asnumpy())
+
+
 def test_load_reports_missing_unexpected_and_mismatched(setup, tmp_path):
     arrays = {n: p.asnumpy() for n, p in named_parameters(setup.model).items()}
     arrays.pop("model.language_model.norm.weight")
