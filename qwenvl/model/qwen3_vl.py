@@ -34,6 +34,7 @@ from qwenvl.model.layers import (
     frame_cu_seqlens,
     gelu_exact,
     matmul,
+    on_ascend,
     set_recompute,
     text_attention_mask,
     vision_rope_cos_sin,
@@ -253,8 +254,20 @@ class Qwen3VLTextMLP(nn.Cell):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+def ascend_grouped_matmul(x, weight, counts):
+    """Rows of `x` (S, K) grouped consecutively, counts[g] rows for group g, times weight[g] (G, K, N) -> (S, N):
+    Ascend's fused GroupedMatmul (differentiable for group_type 0 without bias)."""
+    from mindspore.ops.function.math_func import gmm
+
+    return gmm([x], [weight], group_list=ops.cast(counts, ms.int64), group_type=0, group_list_type=1)[0]
+
+
 class Qwen3VLMoeTextExperts(nn.Cell):
-    """Fused expert weights in HF 4.57 layout: gate_up_proj (E, hidden, 2*inter), down_proj (E, inter, hidden)."""
+    """Fused expert weights in HF 4.57 layout: gate_up_proj (E, hidden, 2*inter), down_proj (E, inter, hidden).
+
+    Ascend dispatches each token to its top-k experts only (sorted by expert, grouped matmul); elsewhere
+    every expert runs on every token weighted by the (mostly zero) routing weights. Both equal HF.
+    """
 
     NORMAL_INIT = ("gate_up_proj", "down_proj")
 
@@ -263,15 +276,35 @@ class Qwen3VLMoeTextExperts(nn.Cell):
         experts, hidden, inter = tc["num_experts"], tc["hidden_size"], tc["moe_intermediate_size"]
         self.gate_up_proj = zeros_parameter(experts, hidden, 2 * inter)
         self.down_proj = zeros_parameter(experts, inter, hidden)
+        self.num_experts = experts
         self.inter = inter
         self.act = activation(tc["hidden_act"])
 
-    def construct(self, x, routing):
-        """x (T, hidden), routing (T, E) dense weights (0 for unselected experts) -> (T, hidden)."""
+    def construct(self, x, top_weight, top_index):
+        """x (T, hidden); top_weight, top_index (T, k) the routing -> (T, hidden)."""
+        if on_ascend():
+            return self.dispatched(x, top_weight, top_index, ascend_grouped_matmul)
+        return self.dense(x, top_weight, top_index)
+
+    def dense(self, x, top_weight, top_index):
+        routing = (ops.one_hot(top_index, self.num_experts, 1.0, 0.0) * top_weight[..., None]).sum(1)  # (T, E)
         gate_up = matmul(x[None], ops.cast(self.gate_up_proj, x.dtype))  # (E, T, 2*inter)
         hidden = self.act(gate_up[..., : self.inter]) * gate_up[..., self.inter :]
         out = matmul(hidden, ops.cast(self.down_proj, x.dtype))  # (E, T, hidden)
-        return (out * routing.swapaxes(0, 1)[..., None]).sum(0)
+        return (out * ops.cast(routing, x.dtype).swapaxes(0, 1)[..., None]).sum(0)
+
+    def dispatched(self, x, top_weight, top_index, grouped_matmul):
+        """The T*k (token, expert) pairs sorted by expert, two grouped matmuls, weighted sum back per token."""
+        tokens, k = top_index.shape
+        experts = top_index.reshape(-1)
+        order = ops.argsort(experts)
+        token_of_row = order // k
+        counts = ops.one_hot(experts, self.num_experts, 1, 0).sum(0)
+        gate_up = grouped_matmul(ops.gather(x, token_of_row, 0), ops.cast(self.gate_up_proj, x.dtype), counts)
+        hidden = self.act(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
+        out = grouped_matmul(hidden, ops.cast(self.down_proj, x.dtype), counts)
+        weight = ops.cast(ops.gather(top_weight.reshape(-1), order, 0), x.dtype)
+        return ops.unsorted_segment_sum(out * weight[:, None], token_of_row, tokens)
 
 
 class Qwen3VLMoeTextSparseMoeBlock(nn.Cell):
@@ -282,16 +315,13 @@ class Qwen3VLMoeTextSparseMoeBlock(nn.Cell):
         self.gate = Linear(tc["hidden_size"], tc["num_experts"], False)
         self.experts = Qwen3VLMoeTextExperts(tc)
         self.top_k = tc["num_experts_per_tok"]
-        self.num_experts = tc["num_experts"]
 
     def construct(self, x):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         probs = ops.softmax(ops.cast(self.gate(tokens), ms.float32), -1)
         top, index = ops.topk(probs, self.top_k)
-        top = top / top.sum(-1, keepdims=True)
-        routing = (ops.one_hot(index, self.num_experts, 1.0, 0.0) * top[..., None]).sum(1)
-        return self.experts(tokens, ops.cast(routing, x.dtype)).reshape(shape)
+        return self.experts(tokens, top / top.sum(-1, keepdims=True), index).reshape(shape)
 
 
 class Qwen3VLTextDecoderLayer(nn.Cell):
