@@ -71,7 +71,8 @@ def _main(work_dir: Path) -> None:
         result = {"logits": out.logits.detach().numpy(), "loss": np.float32(out.loss.item())}
         if grads:
             named = list(model.named_parameters())
-            grad_fn = value_and_grad(lambda: composed_forward(model, inputs).loss, [p for _, p in named], attach_grads=False)
+            params = [p for _, p in named]
+            grad_fn = value_and_grad(lambda: composed_forward(model, inputs).loss, params, attach_grads=False)
             _, values = grad_fn()
             result.update({f"grad:{n}": np.asarray(g.asnumpy()) for (n, _), g in zip(named, values)})
         return result

@@ -57,8 +57,9 @@ def _sample(family: str, rng: np.random.Generator, images=(), videos=()) -> dict
     def pixels(grid):
         return None if grid is None else rng.standard_normal((int(grid.prod(-1).sum()), PATCH_DIM)).astype(np.float32)
 
-    return {"input_ids": ids, "labels": labels, "position_ids": pos[:, 0], "pixel_values": pixels(image_grid),
-            "image_grid_thw": image_grid, "pixel_values_videos": pixels(video_grid), "video_grid_thw": video_grid}  # fmt: skip
+    return {"input_ids": ids, "labels": labels, "position_ids": pos[:, 0],
+            "pixel_values": pixels(image_grid), "image_grid_thw": image_grid,
+            "pixel_values_videos": pixels(video_grid), "video_grid_thw": video_grid}  # fmt: skip
 
 
 def _single(sample: dict) -> dict:
@@ -90,10 +91,11 @@ def _padded(samples: list[dict]) -> dict:
 def _packed(samples: list[dict], pad: int) -> dict:
     """One row holding the samples then `pad` padding tokens, with cu_seqlens over them (collator layout)."""
     lengths = [len(s["input_ids"]) for s in samples] + [pad]
+    positions = np.concatenate([s["position_ids"] for s in samples] + [np.ones((3, pad), np.int64)], 1)
     batch = {
         "input_ids": np.concatenate([s["input_ids"] for s in samples] + [np.zeros(pad, np.int64)])[None],
         "labels": np.concatenate([s["labels"] for s in samples] + [np.full(pad, -100)])[None],
-        "position_ids": np.concatenate([s["position_ids"] for s in samples] + [np.ones((3, pad), np.int64)], 1)[:, None],
+        "position_ids": positions[:, None],
         "cu_seqlens": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
     }
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):

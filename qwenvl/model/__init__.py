@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 from mindspore import Tensor, nn
 
-from qwenvl.model.checkpoint_io import checkpoint_files, iter_safetensors, to_disk_name, to_memory_name, write_safetensors
+from qwenvl.model.checkpoint_io import (
+    checkpoint_files,
+    iter_safetensors,
+    to_disk_name,
+    to_memory_name,
+    write_safetensors,
+)
 from qwenvl.model.layers import init_parameters
 
 _REGISTRY = {

@@ -157,7 +157,9 @@ class PatchMerger(nn.Cell):
 class VisionTransformer(nn.Cell):
     """Patch embed, blocks (window or full attention each), merger; optional window reorder and its inverse."""
 
-    def __init__(self, patch_embed: nn.Cell, blocks: list[nn.Cell], merger: nn.Cell, windowed: tuple[bool, ...]) -> None:
+    def __init__(
+        self, patch_embed: nn.Cell, blocks: list[nn.Cell], merger: nn.Cell, windowed: tuple[bool, ...]
+    ) -> None:
         super().__init__()
         self.patch_embed = patch_embed
         self.blocks = nn.CellList(blocks)
@@ -312,7 +314,7 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
         raise NotImplementedError
 
     def _window_inputs(self, grid: np.ndarray, n_real: int, n: int) -> dict[str, np.ndarray]:
-        """Extra vision inputs of window attention over `n` patches, the last `n - n_real` padding (none for Qwen2-VL)."""
+        """Window-attention inputs over `n` patches, the last `n - n_real` padding (none for Qwen2-VL)."""
         return {}
 
     def enable_recompute(self) -> None:
@@ -342,11 +344,12 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
                 merged.append(0)
                 continue
             grid = np.asarray(grid, np.int64).reshape(-1, 3)
-            if int(grid.prod(-1).sum()) != len(pixel):
-                raise ValueError(f"{pixel_key} has {len(pixel)} patches but {grid_key} describes {int(grid.prod(-1).sum())}")
+            described = int(grid.prod(-1).sum())
+            if described != len(pixel):
+                raise ValueError(f"{pixel_key} has {len(pixel)} patches but {grid_key} describes {described}")
             pixels.append(np.asarray(pixel, np.float32))
             grids.append(grid)
-            merged.append(int(grid.prod(-1).sum()) // unit)
+            merged.append(described // unit)
         index, slots = vision_scatter_index(
             input_ids, self.config["image_token_id"], self.config["video_token_id"], merged[0], merged[1]
         )
@@ -380,8 +383,9 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
         lm = self.model.language_model
         x = ops.cast(lm.embed_tokens(input_ids), self.compute_dtype)
         if pixel_values is not None:
-            feats = self.model.visual(ops.cast(pixel_values, self.compute_dtype), vision_cos, vision_sin,
-                                      vision_full_mask, vision_window_mask, vision_patch_order, vision_merge_order)  # fmt: skip
+            pixels = ops.cast(pixel_values, self.compute_dtype)
+            feats = self.model.visual(pixels, vision_cos, vision_sin, vision_full_mask, vision_window_mask,
+                                      vision_patch_order, vision_merge_order)  # fmt: skip
             slots = ops.cast(vision_slots, self.compute_dtype)
             x = x * (1 - slots) + ops.gather(feats, vision_index, 0) * slots
         if attention_mask is None:
