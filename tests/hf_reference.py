@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,30 +25,42 @@ VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_g
 MODEL_KEYS = ("input_ids", "labels", "position_ids", "attention_mask") + VISION_KEYS
 
 
-def reference_outputs(
-    work_dir: Path,
-    model_dir: Path,
-    cases: dict[str, dict[str, np.ndarray | None]],
-    grad_cases: tuple[str, ...] = (),
-    hf_save: tuple[Path, int, str] | None = None,
-) -> dict[str, dict[str, np.ndarray]]:
-    """{case: {"logits", "loss", "grad:<name>"...}} from the HF model loaded from `model_dir`.
+@dataclass
+class ReferenceJob:
+    """One HF model's work: `cases` run through the model loaded from `model_dir` (gradients on `grad_cases`);
+    `hf_save=(out_dir, seed, case)` also saves a fresh seeded HF model of the same config with
+    `save_pretrained(out_dir)` and runs it on `case`."""
 
-    `hf_save=(out_dir, seed, case)` also builds a fresh seeded HF model from the same config, saves it with
-    `save_pretrained(out_dir)` and returns its outputs on `case` under the key "hf_saved".
-    Also returns {"params": {name: shape array}} for the loaded HF model.
+    model_dir: Path
+    cases: dict[str, dict[str, np.ndarray | None]]
+    grad_cases: tuple[str, ...] = ()
+    hf_save: tuple[Path, int, str] | None = None
+
+
+def reference_outputs(work_dir: Path, jobs: dict[str, ReferenceJob]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """{job: {case: {"logits", "loss", "grad:<name>"...}, "hf_saved": {...}, "params": {name: shape}}}.
+
+    All jobs share one child process (one mindnlp import).
     """
-    work_dir.mkdir(parents=True, exist_ok=True)
-    for name, batch in cases.items():
-        np.savez(work_dir / f"case_{name}.npz", **{k: v for k, v in batch.items() if k in MODEL_KEYS and v is not None})
-    request = {"model_dir": str(model_dir), "cases": list(cases), "grad_cases": list(grad_cases),
-               "hf_save": [str(hf_save[0]), hf_save[1], hf_save[2]] if hf_save else None}  # fmt: skip
-    (work_dir / "request.json").write_text(json.dumps(request), encoding="utf-8")
-    proc = subprocess.run([sys.executable, __file__, str(work_dir)], capture_output=True, text=True, timeout=600)
+    requests = {}
+    for job_name, job in jobs.items():
+        job_dir = work_dir / job_name
+        job_dir.mkdir(parents=True, exist_ok=True)
+        for name, batch in job.cases.items():
+            arrays = {k: v for k, v in batch.items() if k in MODEL_KEYS and v is not None}
+            np.savez(job_dir / f"case_{name}.npz", **arrays)
+        hf_save = [str(job.hf_save[0]), job.hf_save[1], job.hf_save[2]] if job.hf_save else None
+        requests[job_name] = {"model_dir": str(job.model_dir), "cases": list(job.cases),
+                              "grad_cases": list(job.grad_cases), "hf_save": hf_save}  # fmt: skip
+    (work_dir / "request.json").write_text(json.dumps(requests), encoding="utf-8")
+    proc = subprocess.run([sys.executable, __file__, str(work_dir)], capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"reference process failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    names = list(cases) + (["hf_saved"] if hf_save else []) + ["params"]
-    return {name: dict(np.load(work_dir / f"out_{name}.npz")) for name in names}
+    results = {}
+    for job_name, job in jobs.items():
+        names = list(job.cases) + (["hf_saved"] if job.hf_save else []) + ["params"]
+        results[job_name] = {name: dict(np.load(work_dir / job_name / f"out_{name}.npz")) for name in names}
+    return results
 
 
 def _main(work_dir: Path) -> None:
@@ -56,17 +69,11 @@ def _main(work_dir: Path) -> None:
     import transformers
     from mindtorch.autograd import value_and_grad
 
-    request = json.loads((work_dir / "request.json").read_text(encoding="utf-8"))
-    model_dir = Path(request["model_dir"])
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    cls = getattr(transformers, config["architectures"][0])
-
-    def load_case(name: str) -> dict:
-        arrays = np.load(work_dir / f"case_{name}.npz")
+    def load_case(job_dir: Path, name: str) -> dict:
+        arrays = np.load(job_dir / f"case_{name}.npz")
         return {key: torch.tensor(arrays[key]) for key in arrays.files}
 
-    def run(model, name: str, grads: bool) -> dict[str, np.ndarray]:
-        inputs = load_case(name)
+    def run(model, inputs: dict, grads: bool) -> dict[str, np.ndarray]:
         out = model(**inputs)
         result = {"logits": out.logits.detach().numpy(), "loss": np.float32(out.loss.item())}
         if grads:
@@ -91,18 +98,25 @@ def _main(work_dir: Path) -> None:
         rest = {k: v for k, v in inputs.items() if k not in VISION_KEYS and k != "input_ids"}
         return model(inputs_embeds=embeds, **rest)
 
-    model = cls.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
-    np.savez(work_dir / "out_params.npz", **{n: np.array(p.shape) for n, p in model.named_parameters()})
-    for name in request["cases"]:
-        np.savez(work_dir / f"out_{name}.npz", **run(model, name, name in request["grad_cases"]))
-    if request["hf_save"]:
-        out_dir, seed, case = request["hf_save"]
-        torch.manual_seed(seed)
-        hf_config = transformers.AutoConfig.from_pretrained(model_dir)
-        hf_config._attn_implementation = "eager"
-        fresh = cls(hf_config).float().eval()
-        fresh.save_pretrained(out_dir)
-        np.savez(work_dir / "out_hf_saved.npz", **run(fresh, case, False))
+    requests = json.loads((work_dir / "request.json").read_text(encoding="utf-8"))
+    for job_name, request in requests.items():
+        job_dir = work_dir / job_name
+        model_dir = Path(request["model_dir"])
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        cls = getattr(transformers, config["architectures"][0])
+        model = cls.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+        np.savez(job_dir / "out_params.npz", **{n: np.array(p.shape) for n, p in model.named_parameters()})
+        for name in request["cases"]:
+            result = run(model, load_case(job_dir, name), name in request["grad_cases"])
+            np.savez(job_dir / f"out_{name}.npz", **result)
+        if request["hf_save"]:
+            out_dir, seed, case = request["hf_save"]
+            torch.manual_seed(seed)
+            hf_config = transformers.AutoConfig.from_pretrained(model_dir)
+            hf_config._attn_implementation = "eager"
+            fresh = cls(hf_config).float().eval()
+            fresh.save_pretrained(out_dir)
+            np.savez(job_dir / "out_hf_saved.npz", **run(fresh, load_case(job_dir, case), False))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pytest
 from qwenvl.data.rope2d import get_rope_index_2, get_rope_index_25
 from qwenvl.model import build_model, load_model, named_parameters, save_model
 from qwenvl.model.checkpoint_io import iter_safetensors, write_safetensors
-from tests.hf_reference import reference_outputs
+from tests.hf_reference import ReferenceJob, reference_outputs
 from tools.make_tiny_model import tiny_config
 
 IDS = {"image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3, "vision_end_token_id": 4,
@@ -126,15 +126,32 @@ class Setup:
         self.cases["padded"] = _padded([samples["text"], samples["image"]])
         self.packed = _packed([samples["image"], samples["video"]], pad=5)
         self.hf_dir = tmp / "hf_saved"
-        self.ref = reference_outputs(tmp / "ref", self.model_dir, self.cases, GRAD_CASES, (self.hf_dir, 1, "image"))
+        self.ref: dict[str, dict[str, np.ndarray]] = {}
+
+    def job(self) -> ReferenceJob:
+        return ReferenceJob(self.model_dir, self.cases, GRAD_CASES, (self.hf_dir, 1, "image"))
 
     def inputs(self, batch: dict) -> dict:
         return self.model.prepare_inputs(batch)
 
 
-@pytest.fixture(scope="module", params=["qwen2.5vl", "qwen2vl"])
-def setup(request, tmp_path_factory) -> Setup:
-    return Setup(request.param, tmp_path_factory.mktemp(request.param.replace(".", "")))
+FAMILIES = ("qwen2.5vl", "qwen2vl")
+
+
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory) -> dict[str, Setup]:
+    """Both families, their reference outputs computed in one child process."""
+    tmp = tmp_path_factory.mktemp("qwen2_models")
+    built = {family: Setup(family, tmp / family.replace(".", "")) for family in FAMILIES}
+    outputs = reference_outputs(tmp / "ref", {family: setup.job() for family, setup in built.items()})
+    for family, setup in built.items():
+        setup.ref = outputs[family]
+    return built
+
+
+@pytest.fixture(params=FAMILIES)
+def setup(request, setups) -> Setup:
+    return setups[request.param]
 
 
 def _mean_loss_and_grads(model, inputs: dict):
