@@ -50,7 +50,6 @@ TEXT_DEFAULTS: dict[str, Any] = {
     "hidden_act": "silu",
     "tie_word_embeddings": False,
     "rope_scaling": None,
-    "head_dim": None,
     "decoder_sparse_step": 1,
     "mlp_only_layers": None,
     "num_experts": 0,
@@ -67,12 +66,15 @@ VISION_DEFAULTS: dict[str, Any] = {
 DEFAULT_MROPE_SECTION = [24, 20, 20]
 
 
-def _sub_config(config: dict, key: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """A sub-config with HF's defaults filled in for the keys this module reads."""
-    merged = {**defaults, **config.get(key, {})}
-    if key == "text_config" and merged["head_dim"] is None:
-        merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
-    return merged
+def _text_config(config: dict, default_head_dim: int | None) -> dict[str, Any]:
+    """text_config with HF's defaults for the keys read here (head_dim: 128 for Qwen3-VL, hidden/heads for MoE)."""
+    text = {**TEXT_DEFAULTS, "head_dim": default_head_dim, **config.get("text_config", {})}
+    if text["head_dim"] is None:
+        text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    rope_type = (text["rope_scaling"] or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported (Qwen3-VL uses 'default' interleaved mRoPE)")
+    return text
 
 
 # ------------------------------------------------------------------------------------------------- vision
@@ -217,10 +219,6 @@ def _merge_order(per_patch: np.ndarray, frames: int, merge: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------- text
 
 
-class Qwen3VLTextRMSNorm(RMSNorm):
-    """Qwen3 RMSNorm (same maths as the shared RMSNorm)."""
-
-
 class Qwen3VLTextAttention(nn.Cell):
     def __init__(self, tc: dict[str, Any]) -> None:
         super().__init__()
@@ -230,8 +228,8 @@ class Qwen3VLTextAttention(nn.Cell):
         self.k_proj = Linear(tc["hidden_size"], self.kv_heads * self.head_dim, bias)
         self.v_proj = Linear(tc["hidden_size"], self.kv_heads * self.head_dim, bias)
         self.o_proj = Linear(self.heads * self.head_dim, tc["hidden_size"], bias)
-        self.q_norm = Qwen3VLTextRMSNorm(self.head_dim, tc["rms_norm_eps"])
-        self.k_norm = Qwen3VLTextRMSNorm(self.head_dim, tc["rms_norm_eps"])
+        self.q_norm = RMSNorm(self.head_dim, tc["rms_norm_eps"])
+        self.k_norm = RMSNorm(self.head_dim, tc["rms_norm_eps"])
 
     def construct(self, x, mask, cos, sin):
         b, length, _ = x.shape
@@ -327,9 +325,9 @@ class Qwen3VLMoeTextSparseMoeBlock(nn.Cell):
 class Qwen3VLTextDecoderLayer(nn.Cell):
     def __init__(self, tc: dict[str, Any], layer_index: int) -> None:
         super().__init__()
-        self.input_layernorm = Qwen3VLTextRMSNorm(tc["hidden_size"], tc["rms_norm_eps"])
+        self.input_layernorm = RMSNorm(tc["hidden_size"], tc["rms_norm_eps"])
         self.self_attn = Qwen3VLTextAttention(tc)
-        self.post_attention_layernorm = Qwen3VLTextRMSNorm(tc["hidden_size"], tc["rms_norm_eps"])
+        self.post_attention_layernorm = RMSNorm(tc["hidden_size"], tc["rms_norm_eps"])
         sparse = (
             tc["num_experts"] > 0
             and layer_index not in (tc["mlp_only_layers"] or [])
@@ -347,7 +345,7 @@ class Qwen3VLTextModel(nn.Cell):
         super().__init__()
         self.embed_tokens = Embedding(tc["vocab_size"], tc["hidden_size"])
         self.layers = nn.CellList([Qwen3VLTextDecoderLayer(tc, i) for i in range(tc["num_hidden_layers"])])
-        self.norm = Qwen3VLTextRMSNorm(tc["hidden_size"], tc["rms_norm_eps"])
+        self.norm = RMSNorm(tc["hidden_size"], tc["rms_norm_eps"])
         rope = tc["rope_scaling"] or {}
         self.rotary = MRotaryEmbedding(
             tc["head_dim"], tc["rope_theta"], rope.get("mrope_section", DEFAULT_MROPE_SECTION), interleaved=True
@@ -365,15 +363,16 @@ class Qwen3VLModel(nn.Cell):
 
 
 class Qwen3VLForConditionalGeneration(nn.Cell):
-    """Qwen3-VL (dense); the MoE subclass only changes `model_type` (the decoder reads `num_experts`)."""
+    """Qwen3-VL (dense); the MoE subclass changes `model_type` and the head_dim default (layers read `num_experts`)."""
 
     model_type = "qwen3_vl"
+    default_head_dim: int | None = 128
 
     def __init__(self, config: dict[str, Any], dtype: str = "float32") -> None:
         super().__init__()
         self.config = config
-        tc = _sub_config(config, "text_config", TEXT_DEFAULTS)
-        vc = _sub_config(config, "vision_config", VISION_DEFAULTS)
+        tc = _text_config(config, self.default_head_dim)
+        vc = {**VISION_DEFAULTS, **config.get("vision_config", {})}
         self.model = Qwen3VLModel(tc, vc)
         self.lm_head = Linear(tc["hidden_size"], tc["vocab_size"], False)
         if tc["tie_word_embeddings"]:
@@ -392,6 +391,8 @@ class Qwen3VLForConditionalGeneration(nn.Cell):
         """Host-side masks, rotary ids, pos-embed interpolation and scatter indices for one collated batch."""
         input_ids = np.asarray(batch["input_ids"])
         bsz, length = input_ids.shape
+        if batch.get("position_ids") is None:
+            raise ValueError("batch has no position_ids: compute them with qwenvl.data.rope2d.get_rope_index_3")
         inputs = {
             "input_ids": Tensor(input_ids.astype(np.int32)),
             "labels": Tensor(np.asarray(batch["labels"]).astype(np.int32)),
@@ -474,3 +475,4 @@ class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
     """Qwen3-VL-MoE: same towers; decoder layers hold `Qwen3VLMoeTextSparseMoeBlock` MLPs."""
 
     model_type = "qwen3_vl_moe"
+    default_head_dim = None
