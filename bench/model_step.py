@@ -91,7 +91,7 @@ def time_mindnlp(model_dir: Path, batch: dict, warmup: int, steps: int) -> float
     if architecture.startswith("Qwen3VL"):
         from tests.test_model_qwen3 import _patch_mindtorch  # mindtorch defects on HF's deepstack path
 
-        _patch_mindtorch(torch, transformers.Qwen3VLTextModel)
+        _patch_mindtorch(torch, (transformers.Qwen3VLTextModel,))
     model = getattr(transformers, architecture).from_pretrained(model_dir, attn_implementation="eager")
     model.train()
     inputs = {key: torch.tensor(value) for key, value in batch.items()}
