@@ -17,6 +17,7 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
+from mindspore.ops.function.math_func import gmm
 
 from qwenvl.model.layers import (
     Embedding,
@@ -255,8 +256,6 @@ class Qwen3VLTextMLP(nn.Cell):
 def ascend_grouped_matmul(x, weight, counts):
     """Rows of `x` (S, K) grouped consecutively, counts[g] rows for group g, times weight[g] (G, K, N) -> (S, N):
     Ascend's fused GroupedMatmul (differentiable for group_type 0 without bias)."""
-    from mindspore.ops.function.math_func import gmm
-
     return gmm([x], [weight], group_list=ops.cast(counts, ms.int64), group_type=0, group_list_type=1)[0]
 
 
@@ -295,9 +294,9 @@ class Qwen3VLMoeTextExperts(nn.Cell):
         """The T*k (token, expert) pairs sorted by expert, two grouped matmuls, weighted sum back per token."""
         tokens, k = top_index.shape
         experts = top_index.reshape(-1)
-        order = ops.argsort(experts)
+        order = ops.argsort(ops.cast(experts, ms.float32))  # float keys: Ascend's sort kernels take floats
         token_of_row = order // k
-        counts = ops.one_hot(experts, self.num_experts, 1, 0).sum(0)
+        counts = ops.cast(ops.one_hot(experts, self.num_experts, 1.0, 0.0).sum(0), ms.int64)
         gate_up = grouped_matmul(ops.gather(x, token_of_row, 0), ops.cast(self.gate_up_proj, x.dtype), counts)
         hidden = self.act(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
         out = grouped_matmul(hidden, ops.cast(self.down_proj, x.dtype), counts)
