@@ -5,7 +5,8 @@ interpolated to each grid (HF `fast_pos_embed_interpolate`; indices and weights 
 rotary LayerNorm blocks attending within each frame, a merger, and deepstack mergers whose outputs are added
 to the text hidden states at the vision tokens after the first decoder layers.
 Text: Qwen3 decoder (q_norm/k_norm on each head, interleaved multimodal RoPE); the MoE variant replaces
-the MLP with a softmax-top-k router over fused expert tensors, evaluated densely (equal to HF's dispatch).
+the MLP with a softmax-top-k router over fused expert tensors: every expert on every token weighted by the
+routing on CPU/GPU, tokens dispatched to their experts with grouped matmuls on Ascend (both equal HF).
 
 Parameter names and shapes are exactly HF's (`model.visual.*`, `model.language_model.*`, `lm_head.weight`).
 """
@@ -300,8 +301,8 @@ class Qwen3VLMoeTextExperts(nn.Cell):
         gate_up = grouped_matmul(ops.gather(x, token_of_row, 0), ops.cast(self.gate_up_proj, x.dtype), counts)
         hidden = self.act(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
         out = grouped_matmul(hidden, ops.cast(self.down_proj, x.dtype), counts)
-        weight = ops.cast(ops.gather(top_weight.reshape(-1), order, 0), x.dtype)
-        return ops.unsorted_segment_sum(out * weight[:, None], token_of_row, tokens)
+        weighted = ops.cast(out, ms.float32) * ops.gather(top_weight.reshape(-1), order, 0)[:, None]
+        return ops.cast(ops.unsorted_segment_sum(weighted, token_of_row, tokens), x.dtype)
 
 
 class Qwen3VLMoeTextSparseMoeBlock(nn.Cell):
