@@ -1,6 +1,6 @@
 """Safetensors checkpoints in Hugging Face layout, read and written one tensor at a time.
 
-Reading parses the safetensors header and memory-maps each tensor, so bfloat16 checkpoints (which the
+Reading parses the safetensors header and reads one tensor at a time, so bfloat16 checkpoints (which the
 safetensors numpy API cannot return) load as float32 and the RAM peak stays near one model copy.
 
 Names: our parameters carry the transformers 4.57 in-memory names (`model.visual.*`,
@@ -67,13 +67,15 @@ def _as_float32(raw: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, float32 array) for every tensor of one file, read lazily from a memory map."""
+    """(name, float32 array) for every tensor of one file, each read on its own (no mapping of the whole file,
+    whose pages would count towards the process's resident memory)."""
     header, start = _read_header(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        yield name, _as_float32(np.asarray(data[start + begin : start + end]), info["dtype"], info["shape"])
-    del data
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            begin, end = info["data_offsets"]
+            f.seek(start + begin)
+            raw = np.frombuffer(f.read(end - begin), dtype=np.uint8)
+            yield name, _as_float32(raw, info["dtype"], info["shape"])
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
