@@ -28,7 +28,11 @@ from mindspore import Tensor, ops  # noqa: E402
 from qwenvl.data.rope2d import get_rope_index_3  # noqa: E402
 from qwenvl.model import build_model, load_model, save_model  # noqa: E402
 from qwenvl.model.checkpoint_io import checkpoint_files, iter_safetensors  # noqa: E402
-from qwenvl.model.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration  # noqa: E402
+from qwenvl.model.qwen3_vl import (  # noqa: E402
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
+    pos_embed_interpolation,
+)
 from tools.make_tiny_model import tiny_config  # noqa: E402
 
 IDS = {"image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3, "vision_end_token_id": 4,
@@ -399,6 +403,22 @@ def test_moe_dispatch_by_expert_equals_dense_experts():
     np.testing.assert_allclose(got[0].asnumpy(), expected[0].asnumpy(), rtol=1e-6)
     for ours, ref in zip(got[1][0] + got[1][1], expected[1][0] + expected[1][1]):
         np.testing.assert_allclose(ours.asnumpy(), ref.asnumpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_pos_embed_interpolation_by_hand():
+    """4x4 table (16 positions), one frame of 2x4 patches, merge 2: rows sample table rows 0 and 3, columns
+    0, 1, 2, 3 exactly (no blending); a 3-row grid puts its middle row halfway between table rows 1 and 2."""
+    index, weight = pos_embed_interpolation(np.array([[1, 2, 4]]), 16, 2)
+    # merge-window-major order: window (0,0) holds patches (0,0) (0,1) (1,0) (1,1), then window (0,1)
+    np.testing.assert_array_equal(index[0], [0, 1, 12, 13, 2, 3, 14, 15])
+    np.testing.assert_array_equal(weight[0], np.ones(8))
+    np.testing.assert_array_equal(weight[1:], np.zeros((3, 8)))
+    index, weight = pos_embed_interpolation(np.array([[2, 4, 2]]), 16, 2)
+    assert index.shape == (4, 16) and np.array_equal(index[:, :8], index[:, 8:])  # repeated per frame
+    index, weight = pos_embed_interpolation(np.array([[1, 3, 2]]), 16, 1)
+    middle_left = 2  # row 1 (of 3), column 0, merge 1 -> row-major position 2
+    assert index[:, middle_left].tolist() == [4, 5, 8, 9]  # table rows 1, 2 x columns 0, 1 (column 1 weighs 0)
+    np.testing.assert_allclose(weight[:, middle_left], [0.5, 0.0, 0.5, 0.0])
 
 
 def test_prepare_inputs_rejects_pad_count_mismatch():
