@@ -1,9 +1,11 @@
 """Native Qwen3-VL / Qwen3-VL-MoE equal `transformers` 4.57 run under mindnlp (the reference).
 
-mindnlp patches MindSpore's Tensor globally, so the reference runs in a subprocess (this file's `__main__`)
-on the same weights and batches; it returns logits, token-mean loss and every parameter gradient.
-Cases: text (padded batch), one image, two images in a batch, image + video (one vision block per
-temporal group with timestamp text), and a packed row (cu_seqlens) equal to its samples run one by one.
+mindnlp patches MindSpore's Tensor globally, so the reference runs in a child process (this file's
+`__main__`): it loads our `save_model` output with `from_pretrained` and returns logits, token-mean loss and
+every parameter gradient per case, plus the logits of a fresh HF model it saved with `save_pretrained`.
+Cases: text (padded batch), one image, two images in a batch, a video (one vision block per temporal group
+with timestamp text), image + video in one sample, and a packed row (cu_seqlens) equal to its samples run
+one by one. Also: checkpoint round trips, the compiled step, the MoE expert dispatch, float16, tied lm_head.
 """
 
 from __future__ import annotations
