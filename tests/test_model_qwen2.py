@@ -327,3 +327,15 @@ def test_float16_compute_is_close_and_bfloat16_is_refused_on_cpu(setup):
     np.testing.assert_allclose(logits, setup.ref["image"]["logits"], rtol=0, atol=2e-2)
     with pytest.raises(ValueError, match="bfloat16"):
         build_model(setup.model.config, dtype="bfloat16")
+
+
+def test_build_is_seeded_and_reads_a_config_folder(setup):
+    again = build_model(setup.model_dir, seed=0)
+    other = build_model(setup.model.config, seed=1)
+    name = "model.visual.blocks.0.attn.qkv.weight"
+    ours = named_parameters(setup.model)[name].asnumpy()
+    np.testing.assert_array_equal(named_parameters(again)[name].asnumpy(), ours)
+    assert not np.array_equal(named_parameters(other)[name].asnumpy(), ours)
+    assert float(np.abs(named_parameters(again)["model.language_model.norm.weight"].asnumpy() - 1).max()) == 0
+    with pytest.raises(ValueError, match="model_type"):
+        build_model({**setup.model.config, "model_type": "llava"})
