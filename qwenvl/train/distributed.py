@@ -1,8 +1,10 @@
 """Data parallelism: process-group start under `msrun`, fused collectives, and per-rank data shards.
 
-`msrun` starts every worker with `MS_ROLE=MS_WORKER` and `MS_WORKER_NUM` (plus `RANK_ID`/`RANK_SIZE`);
-only then is `mindspore.communication.init()` called, so a plain `python` launch is a world of one and
-needs no process group (upstream's `torch.distributed.get_rank()` fails there). The collectives are the
+`msrun` starts every worker with `MS_ROLE=MS_WORKER` and `MS_WORKER_NUM` (plus `RANK_ID`/`RANK_SIZE`),
+and one more copy of the script as the scheduler (`MS_ROLE=MS_SCHED`), whose `init()` serves the
+cluster and exits the process when it ends; only under msrun is `mindspore.communication.init()`
+called, so a plain `python` launch is a world of one and needs no process group (upstream's
+`torch.distributed.get_rank()` fails there). The collectives are the
 MindSpore ops, which run on CPU (MCCL) and Ascend (HCCL) alike; call `ms.set_device` before
 `init_distributed` so the right backend is picked.
 """
@@ -21,8 +23,8 @@ _STARTED: "DataParallel | None" = None
 
 
 def launched_by_msrun() -> bool:
-    """True inside a worker process that msrun started."""
-    return os.environ.get("MS_ROLE") == "MS_WORKER" and "MS_WORKER_NUM" in os.environ
+    """True inside a worker or the scheduler process that msrun started (both must call `init()`)."""
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED") and "MS_WORKER_NUM" in os.environ
 
 
 def init_distributed() -> "DataParallel":
