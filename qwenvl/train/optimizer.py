@@ -174,7 +174,11 @@ class ZeRO1AdamW(AdamW):
         return ops.cat(pieces)
 
     def apply_gathered(self, gathered: Tensor) -> None:
-        """Write the other ranks' updated parameters from the all-gathered (world * shard) buffer."""
+        """Write the other ranks' updated parameters from the all-gathered (world * shard) buffer.
+
+        `ops.assign` copies into each Parameter's own memory: `set_data` with slices of a collective's
+        output left compiled graphs reading invalid memory under msrun (NaN losses on the next step).
+        """
         shards = gathered.reshape(self.dp.world_size, self._shard_numel)
         for rank, indices in enumerate(self.owned):
             if rank == self.dp.rank:
@@ -183,7 +187,7 @@ class ZeRO1AdamW(AdamW):
             for i in indices:
                 param = self.parameters[i]
                 numel = int(param.size)
-                param.set_data(shards[rank, offset : offset + numel].reshape(param.shape).copy())
+                ops.assign(param, shards[rank, offset : offset + numel].reshape(param.shape))
                 offset += numel
 
     def step(self, grads: Sequence[Tensor], lr_factor: float | Tensor) -> None:
