@@ -69,7 +69,8 @@ def tiny_config(family: str, token_ids: dict[str, int]) -> dict:
                           window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)  # fmt: skip
         return {"model_type": MODEL_TYPES[family], "architectures": [_architecture(family)], **text, **ids,
                 "vision_config": vision, "torch_dtype": "float32"}  # fmt: skip
-    text["rope_scaling"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    # [4, 2, 2]: mindnlp's interleaved-mRoPE slice assignment is mis-sized for [2, 3, 3] (the reference must run)
+    text["rope_scaling"] = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True}
     if family == "qwen3vl_moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
                     norm_topk_prob=True, mlp_only_layers=[])  # fmt: skip
