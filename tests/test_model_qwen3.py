@@ -52,9 +52,7 @@ FAMILIES = {"qwen3vl": Qwen3VLForConditionalGeneration, "qwen3vl_moe": Qwen3VLMo
 
 def _config(family: str) -> dict:
     cfg = tiny_config(family, IDS)
-    # mindtorch mis-sizes a strided slice assignment that runs past the end (HF's interleaved mRoPE with
-    # 3 * section > head_dim / 2), so the reference needs sections within bounds: 4 + 2 + 2 = 16 / 2.
-    cfg["text_config"]["rope_scaling"]["mrope_section"] = [4, 2, 2]
+    assert cfg["text_config"]["rope_scaling"]["mrope_section"] == [4, 2, 2]  # sections mindnlp's reference runs
     return cfg
 
 
