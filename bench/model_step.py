@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -66,22 +67,35 @@ def native_step(model):
     return ms.jit(ms.value_and_grad(model, None, params, has_aux=True)), order
 
 
-def time_native(model, batch: dict, warmup: int, steps: int) -> float:
+def median_step(run_step: Callable[[], None], warmup: int, steps: int) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) of `run_step` after `warmup` untimed calls.
+
+    CPU time (all threads) is reported too because wall time swings when other processes share the cores.
+    """
+    walls, cpus = [], []
+    for index in range(warmup + steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        run_step()
+        if index >= warmup:
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def time_native(model, batch: dict, warmup: int, steps: int) -> tuple[float, float]:
     step, order = native_step(model)
     inputs = model.prepare_inputs(batch)
     args = [inputs.get(name) for name in order]
-    times = []
-    for index in range(warmup + steps):
-        start = time.perf_counter()
+
+    def run_step() -> None:
         (loss_sum, _), grads = step(*args)
         loss_sum.asnumpy()
         grads[-1].asnumpy()
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return median_step(run_step, warmup, steps)
 
 
-def time_mindnlp(model_dir: Path, batch: dict, warmup: int, steps: int) -> float:
+def time_mindnlp(model_dir: Path, batch: dict, warmup: int, steps: int) -> tuple[float, float]:
     import mindnlp  # noqa: F401
     import torch
     import transformers
@@ -97,15 +111,13 @@ def time_mindnlp(model_dir: Path, batch: dict, warmup: int, steps: int) -> float
     inputs = {key: torch.tensor(value) for key, value in batch.items()}
     params = [p for p in model.parameters() if p.requires_grad]
     step = value_and_grad(lambda: model(**inputs).loss, params, attach_grads=False)
-    times = []
-    for index in range(warmup + steps):
-        start = time.perf_counter()
+
+    def run_step() -> None:
         loss, grads = step()
         loss.asnumpy()
         grads[-1].asnumpy()
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return median_step(run_step, warmup, steps)
 
 
 def _architecture(model_dir: Path) -> str:
@@ -139,11 +151,12 @@ def speed(args: argparse.Namespace) -> None:
         runs.append((family, batch, tokens, time_native(model, batch, args.warmup, args.steps)))
     print(f"inputs: batch {args.batch}, length {runs[0][1]['input_ids'].shape[1]}, one 8x8-patch image per "
           f"sample; warm-up {args.warmup}, median of {args.steps}")  # fmt: skip
-    for family, batch, tokens, native in runs:
-        reference = time_mindnlp(work / family, batch, args.warmup, args.steps)
-        print(f"{family:10s} native compiled: {native * 1e3:8.2f} ms/step {tokens / native:9.0f} tokens/s | "
-              f"mindnlp PyNative: {reference * 1e3:8.2f} ms/step {tokens / reference:9.0f} tokens/s | "
-              f"speed-up x{reference / native:.1f}")  # fmt: skip
+    for family, batch, tokens, (native, native_cpu) in runs:
+        reference, reference_cpu = time_mindnlp(work / family, batch, args.warmup, args.steps)
+        print(f"{family:10s} native compiled: {native * 1e3:8.2f} ms/step ({native_cpu * 1e3:.0f} ms CPU) "
+              f"{tokens / native:7.0f} tokens/s | mindnlp PyNative: {reference * 1e3:8.2f} ms/step "
+              f"({reference_cpu * 1e3:.0f} ms CPU) {tokens / reference:5.0f} tokens/s | "
+              f"speed-up x{reference / native:.1f} (CPU time x{reference_cpu / native_cpu:.1f})")  # fmt: skip
 
 
 def peak_rss_mib() -> float:
