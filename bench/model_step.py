@@ -124,15 +124,6 @@ def _architecture(model_dir: Path) -> str:
     return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["architectures"][0]
 
 
-def bench_config(family: str) -> dict:
-    """The tiny config; Qwen3-VL gets mrope_section [4, 2, 2] because mindtorch mis-sizes the strided slice
-    assignment of HF's interleaved mRoPE when a section's stride runs past the end ([2, 3, 3])."""
-    config = tiny_config(family, IDS)
-    if family == "qwen3vl":
-        config["text_config"]["rope_scaling"]["mrope_section"] = [4, 2, 2]
-    return config
-
-
 def families() -> list[str]:
     found = ["qwen2.5vl"]
     if importlib.util.find_spec("qwenvl.model.qwen3_vl") is not None:
@@ -145,7 +136,7 @@ def speed(args: argparse.Namespace) -> None:
     runs = []
     for family in families():
         batch = make_batch(family, args.text_len, (1, 8, 8), args.batch)
-        model = build_model(bench_config(family), seed=0)
+        model = build_model(tiny_config(family, IDS), seed=0)
         save_model(model, work / family)
         tokens = int(batch["input_ids"].size)
         runs.append((family, batch, tokens, time_native(model, batch, args.warmup, args.steps)))
@@ -165,7 +156,7 @@ def peak_rss_mib() -> float:
 
 def memory(args: argparse.Namespace) -> None:
     family = "qwen2.5vl"
-    model = build_model(bench_config(family), seed=0)
+    model = build_model(tiny_config(family, IDS), seed=0)
     step, order = native_step(model)
     inputs = model.prepare_inputs(make_batch(family, args.text_len, (1, 8, 8), args.batch))
     positional = [inputs.get(name) for name in order]
