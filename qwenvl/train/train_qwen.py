@@ -30,7 +30,11 @@ def select_device() -> str:
         from mindspore.device_context.ascend import is_available
 
         target = "Ascend" if is_available() else "CPU"
-    ms.set_device(target)
+    try:
+        ms.set_device(target)
+    except RuntimeError:  # the runtime already started in this process (an embedding caller, tests)
+        if ms.get_context("device_target") != target:
+            raise
     return target
 
 
