@@ -302,8 +302,6 @@ def test_vision_token_count_mismatch_is_rejected(setup):
 
 
 def test_compiled_value_and_grad_with_recompute_equals_pynative(setup):
-    if setup.family != "qwen2.5vl":
-        pytest.skip("one family is enough to check compilation (same graph code)")
     inputs = setup.inputs(setup.cases["two_images"])
     model = load_model(setup.model_dir)
     model.enable_recompute()
@@ -318,8 +316,6 @@ def test_compiled_value_and_grad_with_recompute_equals_pynative(setup):
 
 
 def test_float16_compute_is_close_and_bfloat16_is_refused_on_cpu(setup):
-    if setup.family != "qwen2.5vl":
-        pytest.skip("dtype handling is shared by both families")
     half = load_model(setup.model_dir, dtype="float16")
     inputs = setup.inputs(setup.cases["image"])
     logits = half.logits(**inputs).asnumpy()
