@@ -72,8 +72,7 @@ def median_step(run_step: Callable[[], None], warmup: int, steps: int) -> tuple[
     untimed calls.
 
     CPU time (all threads) is reported too because wall time swings when other processes share the cores;
-    the fastest step too, because on a 2-core machine MindSpore's compiled step time is bimodal (most steps
-    near the fastest, many 3-5x slower, with the machine otherwise idle).
+    the fastest step too, to show how steady the step time is.
     """
     walls, cpus = [], []
     for index in range(warmup + steps):
@@ -85,17 +84,24 @@ def median_step(run_step: Callable[[], None], warmup: int, steps: int) -> tuple[
     return statistics.median(walls), statistics.median(cpus), min(walls)
 
 
-def time_native(model, batch: dict, warmup: int, steps: int) -> tuple[float, float]:
-    step, order = native_step(model)
-    inputs = model.prepare_inputs(batch)
-    args = [inputs.get(name) for name in order]
+def time_native(model, batch: dict, warmup: int, steps: int) -> tuple[float, float, float]:
+    """In graph mode, as train_qwen.py runs it (PyNative + jit has a bimodal step time on 2 cores)."""
+    import mindspore as ms
 
-    def run_step() -> None:
-        (loss_sum, _), grads = step(*args)
-        loss_sum.asnumpy()
-        grads[-1].asnumpy()
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        step, order = native_step(model)
+        inputs = model.prepare_inputs(batch)
+        args = [inputs.get(name) for name in order]
 
-    return median_step(run_step, warmup, steps)
+        def run_step() -> None:
+            (loss_sum, _), grads = step(*args)
+            loss_sum.asnumpy()
+            grads[-1].asnumpy()
+
+        return median_step(run_step, warmup, steps)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def time_mindnlp(model_dir: Path, batch: dict, warmup: int, steps: int) -> tuple[float, float]:
@@ -159,6 +165,9 @@ def peak_rss_mib() -> float:
 
 
 def memory(args: argparse.Namespace) -> None:
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE)
     family = "qwen2.5vl"
     model = build_model(tiny_config(family, IDS), seed=0)
     step, order = native_step(model)

@@ -47,6 +47,7 @@ def run_layout(layout: str, steps: int, batch: int) -> dict:
     import mindspore as ms
 
     ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)  # as train_qwen.py runs
     from make_tiny_model import make_tiny_model
 
     from qwenvl.data.arguments import DataArguments
@@ -72,7 +73,7 @@ def run_layout(layout: str, steps: int, batch: int) -> dict:
     batches = [collate(items, pad_token_id=encoder.special.pad, pad_to_multiple_of=64) for items in micro]
     real_tokens = [sum(len(s.input_ids) for s in items) for items in micro]
     shapes = {tuple(b["input_ids"].shape) for b in batches}
-    for b in batches[: len(shapes) + 1]:  # compile every shape once
+    for b in batches:  # one pass over every micro-batch compiles whatever shapes occur
         step.run([model.prepare_inputs(b)], 1.0)
     times, tokens = [], 0
     for i in range(steps):
