@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -169,12 +168,6 @@ def test_setup_errors_exit_2(tmp_path, capsys):
     assert check_data.main([str(tmp_path / "x.json"), "--model_path", str(tmp_path / "no_model")]) == 2
     assert "config.json not found" in capsys.readouterr().err
 
-
-def test_help_documents_the_tool():
-    tool = ROOT / "tools" / "check_data.py"
-    result = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True)
-    assert result.returncode == 0
-    assert "_problems.json" in result.stdout and "--max_pixels" in result.stdout
 
 
 def test_parallel_media_checks_give_the_same_report(dataset, tmp_path):

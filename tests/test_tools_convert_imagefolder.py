@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -149,12 +148,6 @@ def test_csv_without_the_column(tmp_path, capsys):
     assert _run("--csv", tmp_path / "labels.csv", "--output_dir", tmp_path / "out") == 2
     assert "no column image" in capsys.readouterr().err
 
-
-def test_help_documents_the_tool():
-    tool = ROOT / "tools" / "convert_imagefolder.py"
-    result = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True)
-    assert result.returncode == 0
-    assert "registry.json" in result.stdout and "--prompt_template" in result.stdout
 
 
 def test_csv_with_byte_order_mark_and_bad_encoding(tmp_path, capsys):

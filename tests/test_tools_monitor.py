@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -122,9 +121,3 @@ def test_empty_and_missing_output_dir(tmp_path, capsys):
     assert monitor.main(["--output_dir", str(tmp_path / "nowhere")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
-
-def test_help_documents_the_tool():
-    tool = ROOT / "tools" / "monitor.py"
-    result = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True)
-    assert result.returncode == 0
-    assert "train_log.jsonl" in result.stdout and "--watch" in result.stdout
