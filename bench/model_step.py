@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwenvl.data.rope2d import rope_index_fn  # noqa: E402
 from qwenvl.model import build_model, named_parameters, save_model  # noqa: E402
+from qwenvl.runtime import graph_mode  # noqa: E402
 from tools.make_tiny_model import tiny_config  # noqa: E402
 
 IDS = {"image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3, "vision_end_token_id": 4,
@@ -86,10 +87,7 @@ def median_step(run_step: Callable[[], None], warmup: int, steps: int) -> tuple[
 
 def time_native(model, batch: dict, warmup: int, steps: int) -> tuple[float, float, float]:
     """In graph mode, as train_qwen.py runs it (PyNative + jit has a bimodal step time on 2 cores)."""
-    import mindspore as ms
-
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:
+    with graph_mode():
         step, order = native_step(model)
         inputs = model.prepare_inputs(batch)
         args = [inputs.get(name) for name in order]
@@ -100,11 +98,9 @@ def time_native(model, batch: dict, warmup: int, steps: int) -> tuple[float, flo
             grads[-1].asnumpy()
 
         return median_step(run_step, warmup, steps)
-    finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-def time_mindnlp(model_dir: Path, batch: dict, warmup: int, steps: int) -> tuple[float, float]:
+def time_mindnlp(model_dir: Path, batch: dict, warmup: int, steps: int) -> tuple[float, float, float]:
     import mindnlp  # noqa: F401
     import torch
     import transformers
@@ -165,9 +161,11 @@ def peak_rss_mib() -> float:
 
 
 def memory(args: argparse.Namespace) -> None:
-    import mindspore as ms
+    with graph_mode():
+        memory_check(args)
 
-    ms.set_context(mode=ms.GRAPH_MODE)
+
+def memory_check(args: argparse.Namespace) -> None:
     family = "qwen2.5vl"
     model = build_model(tiny_config(family, IDS), seed=0)
     step, order = native_step(model)

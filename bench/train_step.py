@@ -47,7 +47,7 @@ def run_layout(layout: str, steps: int, batch: int) -> dict:
     import mindspore as ms
 
     ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)  # as train_qwen.py runs
+    ms.set_context(mode=ms.GRAPH_MODE)  # as train_qwen.py runs (qwenvl.runtime.graph_mode); own process
     from make_tiny_model import make_tiny_model
 
     from qwenvl.data.arguments import DataArguments

@@ -71,18 +71,12 @@ def _records(args: argparse.Namespace):
     return records[: args.max_samples] if args.max_samples > 0 else records
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _predict(args: argparse.Namespace, records) -> tuple[list[dict], list[dict]]:
+    """(predictions, unreadable samples): each sample answered up to its last assistant turn."""
     from qwenvl.data.annotations import parse_record
     from qwenvl.data.errors import SampleError
     from qwenvl.infer.generate import load_generator
-    from qwenvl.infer.grounding import grounding_metrics, match_ious, parse_boxes
 
-    try:
-        records = _records(args)
-    except (ValueError, OSError) as exc:
-        print(f"[evaluate] error: {exc}", file=sys.stderr)
-        return 2
     generator = load_generator(args.model, dataclass_from_args(DataArguments, args), args.adapter)
     config = generation_config(args)
     predictions, problems = [], []
@@ -97,6 +91,22 @@ def main(argv: list[str] | None = None) -> int:
             continue
         predictions.append({"file": record.file, "index": record.index, "reference": reference, "prediction": prediction})
         print(f"[evaluate] {n}/{len(records)}", end="\r", flush=True)
+    return predictions, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from qwenvl.infer.grounding import grounding_metrics, match_ious, parse_boxes
+    from qwenvl.runtime import graph_mode, select_device
+
+    try:
+        records = _records(args)
+    except (ValueError, OSError) as exc:
+        print(f"[evaluate] error: {exc}", file=sys.stderr)
+        return 2
+    with graph_mode():
+        select_device()
+        predictions, problems = _predict(args, records)
     task = args.task
     if task == "auto":
         task = "grounding" if any(parse_boxes(p["reference"]) for p in predictions) else "classification"

@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"[infer] error: file not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    from qwenvl.runtime import graph_mode, select_device
+
+    with graph_mode():
+        select_device()
+        return _answer(args)
+
+
+def _answer(args: argparse.Namespace) -> int:
     from qwenvl.data.annotations import parse_sample
     from qwenvl.data.errors import SampleError
     from qwenvl.data.image_processing import image_size

@@ -9,7 +9,6 @@ and a printed summary.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -19,23 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from qwenvl.train.argument import parse_args  # noqa: E402
 
 NOT_APPLICABLE = {"deepspeed": "DeepSpeed is not used; ZeRO-1 is --optim adamw_zero1_mindspore"}
-
-
-def select_device() -> str:
-    """`QWENVL_DEVICE` when set, else Ascend when its runtime is present, else CPU."""
-    import mindspore as ms
-
-    target = os.environ.get("QWENVL_DEVICE")
-    if not target:
-        from mindspore.device_context.ascend import is_available
-
-        target = "Ascend" if is_available() else "CPU"
-    try:
-        ms.set_device(target)
-    except RuntimeError:  # the runtime already started in this process (an embedding caller, tests)
-        if ms.get_context("device_target") != target:
-            raise
-    return target
 
 
 def compute_dtype(training_args) -> str:
@@ -70,24 +52,15 @@ def configure_trainable(model, model_args, training_args) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and train in MindSpore's graph mode, restoring the caller's execution mode afterwards.
-
-    Graph mode (not PyNative with `jit` functions) runs each compiled step with the graph executor:
-    measured on 2 CPU cores, the same step takes a steady ~27 ms instead of 30-300 ms (BENCHMARKS.md).
-    """
-    import mindspore as ms
+    """Parse flags and train in graph mode (`qwenvl.runtime`), restoring the caller's mode afterwards."""
+    from qwenvl.runtime import graph_mode, select_device
 
     model_args, data_args, training_args = parse_args(argv)
-    previous_mode = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:
-        return _train(model_args, data_args, training_args)
-    finally:
-        ms.set_context(mode=previous_mode)
+    with graph_mode():
+        return _train(model_args, data_args, training_args, select_device())
 
 
-def _train(model_args, data_args, training_args) -> int:
-    device = select_device()
+def _train(model_args, data_args, training_args, device: str) -> int:
 
     from qwenvl.data.pipeline import build_collator, build_dataset, build_encoder
     from qwenvl.model import load_model
