@@ -1,9 +1,14 @@
 """Building blocks shared by the native Qwen-VL models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 
-Cells keep float32 master parameters in torch layouts (Linear weight (out, in)) and compute in the dtype
-of their input, so the model picks the compute dtype once by casting its embeddings. Softmax, norms and the
-loss run in float32. Each Ascend fused kernel sits behind one small selector function with a plain path
-computing the same thing, which is what CPU runs and tests exercise.
+Cells keep parameters in torch layouts (Linear weight (out, in)), stored in the model's compute dtype
+(`parameter_dtype`; float32 master copies of trainable weights live in the optimizer), and compute in the
+dtype of their input, so the model picks the compute dtype once by casting its embeddings. Softmax, norms
+and the loss run in float32. Each Ascend fused kernel sits behind one small selector function with a plain
+path computing the same thing, which is what CPU runs and tests exercise.
+
+Memory rule for graph mode: never derive a weight-sized tensor (transpose, cast, gather) that no activation
+depends on. MindSpore's scheduler runs such ops at the start of the step, so every layer's copy is alive
+at once, and autodiff keeps them until the backward pass; matmuls therefore consume weights as stored.
 
 The second half holds host-side (numpy) helpers for `prepare_inputs`: everything data-dependent (masks,
 gather indices, vision rotary ids) is computed there so the compiled graph has no data-dependent control flow.
@@ -12,7 +17,8 @@ gather indices, vision rotary ids) is computed there so the compiled graph has n
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import mindspore as ms
 import numpy as np
@@ -21,6 +27,7 @@ from mindspore.common.initializer import initializer
 from mindspore.ops import constexpr
 
 from qwenvl.constants import IGNORE_INDEX
+from qwenvl.model.weight_ops import MATMUL_NT, HalfOnCPU, Lookup, MatmulNT, WeightSource, attach_sources
 
 NEG_INF = -1e9
 DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
@@ -52,71 +59,118 @@ def compute_dtype(name: str) -> ms.Type:
         raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
     if name == "bfloat16" and ms.get_context("device_target") == "CPU":
         raise ValueError("bfloat16 compute needs an Ascend or GPU device: MindSpore's CPU backend lacks bfloat16 "
-                         "kernels; use dtype='float32' (or 'float16') on CPU")
+                         "kernels; train in float32 (no dtype flag) or float16 (--fp16 True) on CPU")
     return DTYPES[name]
 
 
+_PARAMETER_DTYPE = [ms.float32]
+
+
+@contextmanager
+def parameter_dtype(dtype: ms.Type) -> Iterator[None]:
+    """Parameters created inside the block are stored in `dtype` (a model's weights live in its compute
+    dtype; float32 master copies of trainable weights belong to the optimizer)."""
+    _PARAMETER_DTYPE.append(dtype)
+    try:
+        yield
+    finally:
+        _PARAMETER_DTYPE.pop()
+
+
+def use_half_precision_on_cpu(model: nn.Cell, dtype: ms.Type) -> None:
+    """Half-precision weights on CPU are multiplied in float32 through `HalfOnCPU` sources (no CPU kernel)."""
+    if dtype != ms.float32 and ms.get_context("device_target") == "CPU":
+        attach_sources(model, lambda param, shape: HalfOnCPU(shape, dtype))
+
+
 def zeros_parameter(*shape: int) -> Parameter:
-    """A float32 parameter allocated lazily, filled later by `init_parameters` or a checkpoint."""
-    return Parameter(initializer("zeros", shape, ms.float32))
+    """A parameter allocated lazily (filled later by `init_parameters` or a checkpoint), in the current
+    `parameter_dtype`."""
+    return Parameter(initializer("zeros", shape, _PARAMETER_DTYPE[-1]))
 
 
 def ones_parameter(*shape: int) -> Parameter:
-    return Parameter(initializer("ones", shape, ms.float32))
+    return Parameter(initializer("ones", shape, _PARAMETER_DTYPE[-1]))
 
 
 # ----------------------------------------------------------------------------------------------- cells
 
 
-class Linear(nn.Cell):
-    """y = x W^T + b with torch's (out, in) weight layout, in the input's dtype."""
+class MatrixLayer(nn.Cell):
+    """y = x W^T + b over the last axis of x, W read as a (d_out, d_in) matrix in its stored layout.
+
+    The matmul consumes the weight as stored (MatMul with transpose_b, no transposed copy per step);
+    x is flattened to 2-D so the weight is never broadcast over a batch. A layer given a `WeightSource`
+    (`use_source`) reads the weight through `weight_ops.MatmulNT` instead (half precision on CPU, ZeRO-3).
+    """
 
     NORMAL_INIT = ("weight",)
 
-    def __init__(self, d_in: int, d_out: int, bias: bool = True) -> None:
+    def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
-        self.weight = zeros_parameter(d_out, d_in)
-        self.bias = zeros_parameter(d_out) if bias else None
+        self.weight_shape = (d_out, d_in)
+        self.source = None
+        self.op = None
+
+    def use_source(self, source: WeightSource) -> None:
+        self.source = source
+        self.op = MatmulNT(source)
 
     def construct(self, x):
-        y = matmul(x, ops.cast(self.weight, x.dtype).swapaxes(0, 1))
+        d_out, d_in = self.weight_shape
+        flat = x.reshape(-1, d_in)
+        if self.op is None:
+            y = MATMUL_NT(flat, ops.cast(self.weight, x.dtype).reshape(d_out, d_in))
+        else:
+            y = self.op(flat, self.weight)
+        y = y.reshape(x.shape[:-1] + (d_out,))
         if self.bias is not None:
-            y = y + ops.cast(self.bias, x.dtype)
+            y = y + ops.cast(self.bias, y.dtype)
         return y
 
 
+class Linear(MatrixLayer):
+    """torch's Linear: (out, in) weight layout, optional bias, output in the input's dtype."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True) -> None:
+        super().__init__(d_in, d_out)
+        self.weight = zeros_parameter(d_out, d_in)
+        self.bias = zeros_parameter(d_out) if bias else None
+
+
 class Embedding(nn.Cell):
-    """Row lookup of a (vocab, dim) float32 table; the caller casts to the compute dtype."""
+    """Row lookup of a (vocab, dim) table, returned in the table's dtype (the caller casts), or through a
+    `WeightSource` (ZeRO-3 shards), then in the source's compute dtype."""
 
     NORMAL_INIT = ("weight",)
 
     def __init__(self, vocab: int, dim: int) -> None:
         super().__init__()
         self.weight = zeros_parameter(vocab, dim)
+        self.weight_shape = (vocab, dim)
+        self.source = None
+        self.op = None
+
+    def use_source(self, source: WeightSource) -> None:
+        self.source = source
+        self.op = Lookup(source)
 
     def construct(self, ids):
-        return ops.gather(self.weight, ids, 0)
+        if self.op is None:
+            return ops.gather(self.weight, ids, 0)
+        return self.op(ids, self.weight)
 
 
-class PatchProjection(nn.Cell):
+class PatchProjection(MatrixLayer):
     """HF's Conv3d patch embedding (stride == kernel) as one matmul on flattened (N, C*T*P*P) patches.
 
     The weight keeps the Conv3d shape (embed, C, T, P, P) so checkpoints load unchanged.
     """
 
-    NORMAL_INIT = ("weight",)
-
     def __init__(self, in_channels: int, temporal: int, patch: int, embed_dim: int, bias: bool = False) -> None:
-        super().__init__()
+        super().__init__(in_channels * temporal * patch * patch, embed_dim)
         self.weight = zeros_parameter(embed_dim, in_channels, temporal, patch, patch)
         self.bias = zeros_parameter(embed_dim) if bias else None
-        self.embed_dim = embed_dim
-
-    def construct(self, x):
-        y = matmul(x, ops.cast(self.weight, x.dtype).reshape(self.embed_dim, -1).swapaxes(0, 1))
-        if self.bias is not None:
-            y = y + ops.cast(self.bias, x.dtype)
-        return y
 
 
 def rms_norm(x, weight, eps: float):

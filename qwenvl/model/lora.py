@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from qwenvl.model.layers import Linear
+from qwenvl.model.layers import Linear, MatrixLayer, parameter_dtype
+from qwenvl.model.weight_ops import HalfOnCPU
 
 PEFT_PREFIX = "base_model.model."
 NON_LORA_FILE = "non_lora_trainables.safetensors"
@@ -45,26 +46,31 @@ class LoraSettings:
         return self.alpha / self.r
 
 
-class LoraLinear(nn.Cell):
-    """A `Linear` plus a low-rank update; `weight`/`bias` are the base layer's own parameters."""
+class LoraLinear(MatrixLayer):
+    """A `Linear` plus a low-rank update; `weight`/`bias` are the base layer's own parameters (and its weight
+    source, if any); the adapters are stored in the base weight's dtype."""
 
     def __init__(self, base: Linear, settings: LoraSettings, rng: np.random.Generator) -> None:
-        super().__init__()
-        d_out, d_in = base.weight.shape
+        d_out, d_in = base.weight_shape
+        super().__init__(d_in, d_out)
         self.weight = base.weight
         self.bias = base.bias
-        self.lora_A = Linear(d_in, settings.r, bias=False)
-        self.lora_B = Linear(settings.r, d_out, bias=False)
+        if base.source is not None:
+            self.use_source(base.source)
+        with parameter_dtype(base.weight.dtype):
+            self.lora_A = Linear(d_in, settings.r, bias=False)
+            self.lora_B = Linear(settings.r, d_out, bias=False)
+        if isinstance(base.source, HalfOnCPU):
+            for adapter in (self.lora_A, self.lora_B):
+                adapter.use_source(HalfOnCPU(adapter.weight_shape, base.source.compute_dtype))
         bound = 1.0 / math.sqrt(d_in)
-        self.lora_A.weight.set_data(Tensor(rng.uniform(-bound, bound, (settings.r, d_in)).astype(np.float32)))
-        self.lora_B.weight.set_data(Tensor(np.zeros((d_out, settings.r), np.float32)))
+        self.lora_A.weight.set_data(Tensor(rng.uniform(-bound, bound, (settings.r, d_in)), base.weight.dtype))
+        self.lora_B.weight.set_data(Tensor(np.zeros((d_out, settings.r)), base.weight.dtype))
         self.dropout = nn.Dropout(p=settings.dropout) if settings.dropout > 0 else None
         self.scaling = settings.scaling
 
     def construct(self, x):
-        y = ops.matmul(x, ops.cast(self.weight, x.dtype).swapaxes(0, 1))
-        if self.bias is not None:
-            y = y + ops.cast(self.bias, x.dtype)
+        y = super().construct(x)
         h = self.dropout(x) if self.dropout is not None else x
         return y + self.lora_B(self.lora_A(h)) * self.scaling
 

@@ -30,8 +30,10 @@ from qwenvl.model.layers import (
     causal_lm_loss_sum,
     compute_dtype,
     frame_cu_seqlens,
+    parameter_dtype,
     set_recompute,
     text_attention_mask,
+    use_half_precision_on_cpu,
     vision_rope_cos_sin,
     vision_rope_ids,
     vision_scatter_index,
@@ -297,11 +299,13 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
         self.config = config
         self.text = text_settings(config)
         self.vision = vision_settings(config)
-        self.model = QwenVLModel(self._vision_tower(self.vision), LanguageModel(self.text))
-        self.lm_head = Linear(self.text["hidden_size"], self.text["vocab_size"], bias=False)
+        self.compute_dtype = compute_dtype(dtype)
+        with parameter_dtype(self.compute_dtype):
+            self.model = QwenVLModel(self._vision_tower(self.vision), LanguageModel(self.text))
+            self.lm_head = Linear(self.text["hidden_size"], self.text["vocab_size"], bias=False)
         if self.text["tie_word_embeddings"]:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
-        self.compute_dtype = compute_dtype(dtype)
+        use_half_precision_on_cpu(self, self.compute_dtype)
         self.merge = self.vision["spatial_merge_size"]
         self.vision_head_dim = self._vision_dim() // self.vision["num_heads"]
         self.vision_bucket = VISION_BUCKET

@@ -37,8 +37,10 @@ from qwenvl.model.layers import (
     gelu_exact,
     matmul,
     on_ascend,
+    parameter_dtype,
     set_recompute,
     text_attention_mask,
+    use_half_precision_on_cpu,
     vision_rope_cos_sin,
     vision_rope_ids,
     vision_scatter_index,
@@ -175,12 +177,8 @@ class Qwen3VLVisionModel(nn.Cell):
 
     def construct(self, pixel_values, mask, cos, sin, pos_index, pos_weight):
         x = self.patch_embed(pixel_values)
-        table = ops.cast(self.pos_embed.weight, x.dtype)
-        weight = ops.cast(pos_weight, x.dtype)
-        pos = ops.gather(table, pos_index[0], 0) * weight[0][:, None]
-        for corner in range(1, 4):
-            pos = pos + ops.gather(table, pos_index[corner], 0) * weight[corner][:, None]
-        x = x + pos
+        corners = ops.cast(self.pos_embed(pos_index.reshape(-1)), x.dtype).reshape(4, -1, x.shape[-1])
+        x = x + (corners * ops.cast(pos_weight, x.dtype)[..., None]).sum(0)
         deepstack = ()
         for index, block in enumerate(self.blocks):
             x = block(x, mask, cos, sin)
@@ -373,11 +371,13 @@ class Qwen3VLForConditionalGeneration(nn.Cell):
         self.config = config
         tc = _text_config(config, self.default_head_dim)
         vc = {**VISION_DEFAULTS, **config.get("vision_config", {})}
-        self.model = Qwen3VLModel(tc, vc)
-        self.lm_head = Linear(tc["hidden_size"], tc["vocab_size"], False)
+        self.compute_dtype = compute_dtype(dtype)
+        with parameter_dtype(self.compute_dtype):
+            self.model = Qwen3VLModel(tc, vc)
+            self.lm_head = Linear(tc["hidden_size"], tc["vocab_size"], False)
         if tc["tie_word_embeddings"]:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
-        self.compute_dtype = compute_dtype(dtype)
+        use_half_precision_on_cpu(self, self.compute_dtype)
         self.image_token_id = int(config.get("image_token_id", tc.get("image_token_id", 151655)))
         self.video_token_id = int(config.get("video_token_id", tc.get("video_token_id", 151656)))
         self.merge = vc["spatial_merge_size"]

@@ -1,0 +1,128 @@
+"""Weight-consuming operations with hand-written backward passes, for weights that are not used as stored.
+
+Why these exist: MindSpore's autodiff keeps every tensor a forward op consumed until the backward pass
+needs it. When a matmul consumes a *copy* of its weight rather than the Parameter itself (a float32 copy
+on CPU, whose backend has no half-precision MatMul; a ZeRO-3 shard all-gathered to full size), autodiff
+keeps one full-size copy per layer alive from the forward to the backward pass: 2-4 extra bytes per
+parameter. These ops rebuild the weight in their backward pass instead, so at most one layer's copy
+exists at a time. Every rebuild is also tied to the activation it serves with `ops.depend`: the graph
+scheduler otherwise hoists all weight copies (they depend on no activation) to the start of the step.
+
+A `WeightSource` says how a stored tensor becomes the full weight (`full`) and how the gradient of the
+full weight becomes the gradient of the stored tensor (`grad`). `HalfOnCPU` is the CPU twin of Ascend's
+native half-precision matmul; `qwenvl.parallel.zero3.ShardedWeight` gathers ZeRO-3 shards.
+Weights used as stored (float32 anywhere, half precision on Ascend) take the plain ops and autodiff.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import mindspore as ms
+from mindspore import nn, ops
+
+MATMUL_NT = ops.MatMul(transpose_b=True)
+_MM_NN = ops.MatMul()
+_MM_TN = ops.MatMul(transpose_a=True)
+
+
+class WeightSource(nn.Cell):
+    """How a stored tensor is read as a full weight of `shape` and how its gradient flows back; activations
+    and gradients of the weight are in `compute_dtype` (the model's).
+
+    `trainable` is read when the step compiles: a frozen weight gets no gradient computation at all
+    (`sync_trainable` sets it from the Parameter's `requires_grad` before the training step compiles).
+    """
+
+    def __init__(self, shape: Sequence[int], compute_dtype: ms.Type) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.compute_dtype = compute_dtype
+        self.trainable = True
+
+    def full(self, stored, anchor, dtype):
+        raise NotImplementedError
+
+    def grad(self, dw, stored):
+        raise NotImplementedError
+
+
+class HalfOnCPU(WeightSource):
+    """A half-precision weight multiplied in float32 (MindSpore's CPU backend has no half MatMul)."""
+
+    def full(self, stored, anchor, dtype):
+        return ops.cast(ops.depend(stored, anchor), dtype).reshape(self.shape)
+
+    def grad(self, dw, stored):
+        return ops.cast(dw, stored.dtype).reshape(stored.shape)
+
+
+def matmul_dtype(dtype: ms.Type) -> ms.Type:
+    """The dtype a matmul runs in: the input's, except half precision on CPU, which runs in float32."""
+    if dtype != ms.float32 and ms.get_context("device_target") == "CPU":
+        return ms.float32
+    return dtype
+
+
+class MatmulNT(nn.Cell):
+    """y = x W^T for 2-D x, with W = source.full(stored) rebuilt in the backward pass."""
+
+    def __init__(self, source: WeightSource) -> None:
+        super().__init__()
+        self.source = source
+
+    def construct(self, x, stored):
+        w = self.source.full(stored, x, matmul_dtype(x.dtype))
+        return ops.cast(MATMUL_NT(ops.cast(x, w.dtype), w), x.dtype)
+
+    def bprop(self, x, stored, out, dout):
+        w = self.source.full(stored, dout, matmul_dtype(x.dtype))
+        g = ops.cast(dout, w.dtype)
+        dx = ops.cast(_MM_NN(g, w), x.dtype)
+        if not self.source.trainable:
+            return dx, ops.zeros((), stored.dtype)
+        return dx, self.source.grad(_MM_TN(g, ops.cast(x, w.dtype)), stored)
+
+
+class Lookup(nn.Cell):
+    """Rows `ids` of a (vocab, dim) table read through `source`, in the source's compute dtype; the backward
+    pass scatters the row gradients into a table-sized gradient (accumulated in float32 on CPU)."""
+
+    def __init__(self, source: WeightSource) -> None:
+        super().__init__()
+        self.source = source
+        self.rows = int(source.shape[0])
+        self.dim = int(source.shape[1])
+
+    def construct(self, ids, stored):
+        return ops.gather(self.source.full(stored, ids, self.source.compute_dtype), ids, 0)
+
+    def bprop(self, ids, stored, out, dout):
+        if not self.source.trainable:
+            return ops.zeros_like(ids), ops.zeros((), stored.dtype)
+        flat = ops.cast(dout, matmul_dtype(dout.dtype)).reshape(-1, self.dim)
+        dw = ops.unsorted_segment_sum(flat, ids.reshape(-1), self.rows)
+        return ops.zeros_like(ids), self.source.grad(dw, stored)
+
+
+def attach_sources(model: nn.Cell, make_source) -> int:
+    """Give every weight-bearing layer of `model` the source `make_source(param, shape)` returns (or None).
+
+    Layers opt in by defining `use_source(source)` and `weight_shape`; returns how many got a source.
+    """
+    count = 0
+    for _, cell in model.cells_and_names():
+        if hasattr(cell, "use_source"):
+            source = make_source(cell.weight, cell.weight_shape)
+            if source is not None:
+                cell.use_source(source)
+                count += 1
+    return count
+
+
+def sync_trainable(model: nn.Cell) -> None:
+    """Copy each sourced weight's `requires_grad` into its source before a training step compiles."""
+    for _, cell in model.cells_and_names():
+        source = getattr(cell, "source", None)
+        if isinstance(source, WeightSource):
+            source.trainable = bool(cell.weight.requires_grad)
