@@ -44,12 +44,62 @@ def on_cpu() -> bool:
     return ms.get_context("device_target") == "CPU"
 
 
+_BMM = ops.BatchMatMul()
+_BMM_NT = ops.BatchMatMul(transpose_b=True)
+
+
 def matmul(a, b):
     """ops.matmul in the inputs' dtype; the CPU backend has no half-precision MatMul kernel, so there
     half-precision inputs are multiplied in float32 and the product rounded back (same storage precision)."""
     if on_cpu() and a.dtype != ms.float32:
         return ops.cast(ops.matmul(ops.cast(a, ms.float32), ops.cast(b, ms.float32)), a.dtype)
     return ops.matmul(a, b)
+
+
+def batch_matmul(a, b, transpose_b: bool = False):
+    """a @ b (or a @ b^T) over equal leading batch axes, without materialising a transposed operand;
+    half precision is multiplied in float32 on CPU (no CPU kernel)."""
+    kernel = _BMM_NT if transpose_b else _BMM
+    if on_cpu() and a.dtype != ms.float32:
+        return ops.cast(kernel(ops.cast(a, ms.float32), ops.cast(b, ms.float32)), a.dtype)
+    return kernel(a, b)
+
+
+def expand_as(small, like):
+    """`small` broadcast to `like`'s shape by its own op.
+
+    MindSpore's CPU kernels for binary ops that broadcast implicitly keep per-element index maps (about 16
+    bytes per output element) for the life of the compiled graph, one per op in the unrolled model; an
+    explicit BroadcastTo followed by a same-shape op keeps none.
+    """
+    return ops.broadcast_to(small, like.shape)
+
+
+@constexpr
+def _swapped_rows(batch: int, first: int, second: int) -> Tensor:
+    """Row order taking (batch, first, second) rows to (batch, second, first)."""
+    rows = np.arange(batch * first * second, dtype=np.int32).reshape(batch, first, second)
+    return Tensor(rows.transpose(0, 2, 1).reshape(-1))
+
+
+class SwapMiddleAxes(nn.Cell):
+    """(B, A, C, D) -> (B, C, A, D), e.g. (batch, length, heads, head_dim) to heads-major and back.
+
+    On CPU a row gather with a gather back in the backward pass: MindSpore's CPU Transpose kernel keeps an
+    8-byte index per element for the life of the compiled graph, once per transpose in the unrolled model.
+    """
+
+    def construct(self, x):
+        if on_ascend():
+            return ops.transpose(x, (0, 2, 1, 3))
+        b, a, c, d = x.shape
+        return ops.gather(x.reshape(b * a * c, d), _swapped_rows(b, a, c), 0).reshape(b, c, a, d)
+
+    def bprop(self, x, out, dout):
+        return (self.construct(dout),)
+
+
+swap_middle_axes = SwapMiddleAxes()
 
 
 def compute_dtype(name: str) -> ms.Type:
@@ -120,13 +170,12 @@ class MatrixLayer(nn.Cell):
         d_out, d_in = self.weight_shape
         flat = x.reshape(-1, d_in)
         if self.op is None:
-            y = MATMUL_NT(flat, ops.cast(self.weight, x.dtype).reshape(d_out, d_in))
+            y = MATMUL_NT(flat, self.weight if len(self.weight.shape) == 2 else self.weight.reshape(d_out, d_in))
         else:
             y = self.op(flat, self.weight)
-        y = y.reshape(x.shape[:-1] + (d_out,))
         if self.bias is not None:
-            y = y + ops.cast(self.bias, y.dtype)
-        return y
+            y = y + expand_as(ops.cast(self.bias, y.dtype), y)
+        return y.reshape(x.shape[:-1] + (d_out,))
 
 
 class Linear(MatrixLayer):
@@ -179,8 +228,9 @@ def rms_norm(x, weight, eps: float):
     if on_ascend():
         return ops.rms_norm(x, ops.cast(weight, dtype), eps)[0]
     h = ops.cast(x, ms.float32)
-    h = h * ops.rsqrt((h * h).mean(-1, keep_dims=True) + eps)
-    return ops.cast(weight, dtype) * ops.cast(h, dtype)
+    h = h * expand_as(ops.rsqrt((h * h).mean(-1, keep_dims=True) + eps), h)
+    h = ops.cast(h, dtype)
+    return expand_as(ops.cast(weight, dtype), h) * h
 
 
 class RMSNorm(nn.Cell):
@@ -206,9 +256,10 @@ class LayerNorm(nn.Cell):
 
     def construct(self, x):
         h = ops.cast(x, ms.float32)
-        mean = h.mean(-1, keep_dims=True)
-        var = ((h - mean) ** 2).mean(-1, keep_dims=True)
-        h = (h - mean) * ops.rsqrt(var + self.eps) * self.weight + self.bias
+        centred = h - expand_as(h.mean(-1, keep_dims=True), h)
+        scale = ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + self.eps)
+        weight, bias = ops.cast(self.weight, ms.float32), ops.cast(self.bias, ms.float32)
+        h = centred * expand_as(scale, h) * expand_as(weight, h) + expand_as(bias, h)
         return ops.cast(h, x.dtype)
 
 
@@ -255,7 +306,7 @@ def apply_rotary(x, cos, sin):
     if on_ascend() and x.ndim == 4 and cos.ndim == 4:
         return ops.rotary_position_embedding(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)
     h = ops.cast(x, ms.float32)
-    return ops.cast(h * cos + rotate_half(h) * sin, x.dtype)
+    return ops.cast(h * expand_as(cos, h) + rotate_half(h) * expand_as(sin, h), x.dtype)
 
 
 def inv_freq(dim: int, theta: float) -> np.ndarray:
@@ -288,9 +339,10 @@ class MRotaryEmbedding(nn.Cell):
         self.selector = Tensor(mrope_selector(mrope_section, head_dim // 2, interleaved)[:, None, None, :])
 
     def construct(self, position_ids):
-        pos = ops.cast(position_ids, ms.float32)
-        freqs = pos[..., None] * self.inv_freq  # (3, B, L, half)
-        freqs = (freqs * self.selector).sum(0)
+        pos = ops.cast(position_ids, ms.float32)[..., None]
+        shape = pos.shape[:-1] + self.inv_freq.shape  # (3, B, L, half)
+        freqs = ops.broadcast_to(pos, shape) * ops.broadcast_to(self.inv_freq, shape)
+        freqs = (freqs * ops.broadcast_to(self.selector, shape)).sum(0)
         emb = ops.cat((freqs, freqs), -1)
         return ops.cos(emb), ops.sin(emb)
 
@@ -316,11 +368,11 @@ def attention(q, k, v, mask, scale: float):
         return _flash_attention(q, k, v, mask, scale)
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    scores = ops.cast(matmul(q, k.swapaxes(-1, -2)), ms.float32) * scale + mask
-    probs = ops.cast(ops.softmax(scores, -1), v.dtype)
-    out = matmul(probs, v)
-    b, h, length, d = out.shape
-    return out.swapaxes(1, 2).reshape(b, length, h * d)
+    scores = ops.cast(batch_matmul(q, k, transpose_b=True), ms.float32) * scale
+    probs = ops.cast(ops.softmax(scores + expand_as(mask, scores), -1), v.dtype)
+    out = swap_middle_axes(batch_matmul(probs, v))
+    b, length, h, d = out.shape
+    return out.reshape(b, length, h * d)
 
 
 def _flash_attention(q, k, v, mask, scale: float):
@@ -330,7 +382,7 @@ def _flash_attention(q, k, v, mask, scale: float):
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     blocked = ops.cast(mask < NEG_INF / 2, ms.uint8)
     out = ops.flash_attention_score(q, k, v, h, attn_mask=blocked, scalar_value=scale, input_layout="BNSD")
-    return out.swapaxes(1, 2).reshape(b, length, h * d)
+    return swap_middle_axes(out).reshape(b, length, h * d)
 
 
 # --------------------------------------------------------------------------------------------------- loss

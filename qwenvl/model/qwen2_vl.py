@@ -29,9 +29,11 @@ from qwenvl.model.layers import (
     block_attention_mask,
     causal_lm_loss_sum,
     compute_dtype,
+    expand_as,
     frame_cu_seqlens,
     parameter_dtype,
     set_recompute,
+    swap_middle_axes,
     text_attention_mask,
     use_half_precision_on_cpu,
     vision_rope_cos_sin,
@@ -96,9 +98,9 @@ class VisionAttention(nn.Cell):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(1, n, 3, self.heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q = apply_rotary(q, cos, sin).swapaxes(1, 2)
-        k = apply_rotary(k, cos, sin).swapaxes(1, 2)
-        v = v.swapaxes(1, 2)
+        q = swap_middle_axes(apply_rotary(q, cos, sin))
+        k = swap_middle_axes(apply_rotary(k, cos, sin))
+        v = swap_middle_axes(v)
         return self.proj(attention(q, k, v, mask, self.scale)[0])
 
 
@@ -238,9 +240,9 @@ class TextAttention(nn.Cell):
 
     def construct(self, x, mask, cos, sin):
         b, length, _ = x.shape
-        q = self.q_proj(x).reshape(b, length, self.heads, self.head_dim).swapaxes(1, 2)
-        k = self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim).swapaxes(1, 2)
-        v = self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim).swapaxes(1, 2)
+        q = swap_middle_axes(self.q_proj(x).reshape(b, length, self.heads, self.head_dim))
+        k = swap_middle_axes(self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim))
+        v = swap_middle_axes(self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(attention(q, k, v, mask, self.scale))
 
@@ -390,7 +392,7 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
             pixels = ops.cast(pixel_values, self.compute_dtype)
             feats = self.model.visual(pixels, vision_cos, vision_sin, vision_full_mask, vision_window_mask,
                                       vision_patch_order, vision_merge_order)  # fmt: skip
-            slots = ops.cast(vision_slots, self.compute_dtype)
+            slots = expand_as(ops.cast(vision_slots, self.compute_dtype), x)
             x = x * (1 - slots) + ops.gather(feats, vision_index, 0) * slots
         if attention_mask is None:
             length = input_ids.shape[1]

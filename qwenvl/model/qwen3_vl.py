@@ -33,12 +33,14 @@ from qwenvl.model.layers import (
     block_attention_mask,
     causal_lm_loss_sum,
     compute_dtype,
+    expand_as,
     frame_cu_seqlens,
     gelu_exact,
     matmul,
     on_ascend,
     parameter_dtype,
     set_recompute,
+    swap_middle_axes,
     text_attention_mask,
     use_half_precision_on_cpu,
     vision_rope_cos_sin,
@@ -110,9 +112,9 @@ class Qwen3VLVisionAttention(nn.Cell):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (N, heads, head_dim)
-        q = apply_rotary(q, cos, sin).swapaxes(0, 1)[None]
-        k = apply_rotary(k, cos, sin).swapaxes(0, 1)[None]
-        v = v.swapaxes(0, 1)[None]
+        q = swap_middle_axes(apply_rotary(q, cos, sin)[None])
+        k = swap_middle_axes(apply_rotary(k, cos, sin)[None])
+        v = swap_middle_axes(v[None])
         out = attention(q, k, v, mask, self.head_dim**-0.5)  # (1, N, dim)
         return self.proj(out[0])
 
@@ -178,7 +180,7 @@ class Qwen3VLVisionModel(nn.Cell):
     def construct(self, pixel_values, mask, cos, sin, pos_index, pos_weight):
         x = self.patch_embed(pixel_values)
         corners = ops.cast(self.pos_embed(pos_index.reshape(-1)), x.dtype).reshape(4, -1, x.shape[-1])
-        x = x + (corners * ops.cast(pos_weight, x.dtype)[..., None]).sum(0)
+        x = x + (corners * expand_as(ops.cast(pos_weight, x.dtype)[..., None], corners)).sum(0)
         deepstack = ()
         for index, block in enumerate(self.blocks):
             x = block(x, mask, cos, sin)
@@ -233,9 +235,9 @@ class Qwen3VLTextAttention(nn.Cell):
 
     def construct(self, x, mask, cos, sin):
         b, length, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(b, length, self.heads, self.head_dim)).swapaxes(1, 2)
-        k = self.k_norm(self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim)).swapaxes(1, 2)
-        v = self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim).swapaxes(1, 2)
+        q = swap_middle_axes(self.q_norm(self.q_proj(x).reshape(b, length, self.heads, self.head_dim)))
+        k = swap_middle_axes(self.k_norm(self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim)))
+        v = swap_middle_axes(self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(attention(q, k, v, mask, self.head_dim**-0.5))
 
@@ -441,9 +443,9 @@ class Qwen3VLForConditionalGeneration(nn.Cell):
             feats, deep = self.model.visual(
                 ops.cast(pixel_values, self.compute_dtype), vision_mask, vision_cos, vision_sin, pos_index, pos_weight
             )
-            slots = ops.cast(vision_slots, ms.bool_)
+            slots = expand_as(ops.cast(vision_slots, ms.bool_), x)
             x = ops.select(slots, ops.gather(feats, vision_index, 0), x)
-            weight = ops.cast(vision_slots, x.dtype)
+            weight = expand_as(ops.cast(vision_slots, x.dtype), x)
             for feature in deep:
                 deepstack = deepstack + (ops.gather(feature, vision_index, 0) * weight,)
         cos, sin = lm.rotary(position_ids)
