@@ -277,3 +277,87 @@ def test_file_level_verdicts_agree(model_dir, tmp_path, case, capsys):
     assert trained is not None and trained.kind == case.kind and case.reason in trained.reason
     assert code == 2
     assert f"[check_data] training would stop: {trained.one_line()}" in err
+
+
+# ----- end to end: train_qwen.py and check_data.py on the tiny model ------------------------------------------
+
+
+def _last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+@pytest.mark.slow
+def test_cli_empty_dataset_and_bad_flag_exit_2_with_one_line(tiny_model_factory, tmp_path):
+    """The issue's repro: `--dataset_use demo_images%0` hung at 100% CPU; now both tools stop at once, same words."""
+    import subprocess
+
+    tiny = tiny_model_factory("qwen2.5vl")
+    train = [sys.executable, str(ROOT / "qwenvl/train/train_qwen.py"), "--model_name_or_path", str(tiny),
+             "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    env = {"GLOG_v": "3", "PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}
+    run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)  # noqa: E731
+    empty = run(*train, "--dataset_use", "demo_images%0", "--tune_mm_mlp", "True")
+    check = run(sys.executable, str(ROOT / "tools/check_data.py"), "--dataset_use", "demo_images%0", "--model_path",
+                str(tiny), "--output_dir", str(tmp_path / "report"))  # fmt: skip
+    message = "dataset demo_images selects no samples: the file holds 48 samples and %0 keeps none"
+    assert empty.returncode == 2 and check.returncode == 2
+    line = _last_line(empty.stderr)
+    assert line.startswith("[train] error: file ") and message in line and "Traceback" not in empty.stderr
+    assert _last_line(check.stderr) == line.replace("[train] error:", "[check_data] training would stop:")
+    flag = run(*train, "--dataset_use", "demo_images", "--tune_mm_mlp", "True", "--learning_rate=-1e-3")
+    assert flag.returncode == 2
+    assert flag.stderr.strip() == "[train] error: --learning_rate -0.001: must be a finite number >= 0 (a negative rate climbs the loss)"
+
+
+def _mixed_dataset(folder: Path, n_good: int, bad_at: dict[int, object]) -> Path:
+    """Demo samples (absolute image paths) with bad lines at the given JSONL positions."""
+    demo = json.loads((ROOT / "demo" / "demo_images.json").read_text())
+    good = iter({**item, "image": str(ROOT / "demo" / item["image"])} for item in demo)
+    lines = [bad_at[i] if i in bad_at else next(good) for i in range(n_good + len(bad_at))]
+    return _jsonl(folder / "mixed.jsonl", lines, folder)
+
+
+@pytest.mark.slow
+def test_a_bad_sample_without_skip_stops_training_with_one_line(tiny_model_factory, tmp_path, capsys):
+    from qwenvl.train.train_qwen import main
+
+    first = int(epoch_plan(3, 0, 1, 42, 0, 1, 1)[0][0][0])  # the first sample training meets (seed 42)
+    path = _mixed_dataset(tmp_path, 2, {first: _image("absent.png")})
+    flags = ["--model_name_or_path", str(tiny_model_factory("qwen2.5vl")), "--dataset_use", str(path),
+             "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "1", "--max_steps", "3",
+             "--tune_mm_mlp", "True"]  # fmt: skip
+    assert main(flags) == 2
+    reason = f"cannot read image {tmp_path / 'absent.png'}: file not found"
+    assert _last_line(capsys.readouterr().err) == (
+        f"[train] error: file {path}, sample {first}, line {first + 1}: {reason} "
+        "(fix or remove the sample, or pass --skip_bad_samples to skip and count bad samples)"
+    )
+
+
+@pytest.mark.slow
+def test_five_percent_bad_samples_train_to_the_end_and_are_listed(tiny_model_factory, tmp_path, capsys):
+    """40 good demo samples and 2 bad ones (a missing image, a malformed line), batch 1 so each bad sample is
+    a whole micro-batch: one epoch trains to the end, and the summary lists both with file, index and line;
+    check_data with the same flags says training would skip exactly these two, with the same reasons."""
+    from qwenvl.train.train_qwen import main
+
+    tiny = tiny_model_factory("qwen2.5vl")
+    path = _mixed_dataset(tmp_path, 40, {7: _image("absent.png"), 30: b'{"image": "x.png", "conversations": ['})
+    out = tmp_path / "out"
+    flags = ["--model_name_or_path", str(tiny), "--dataset_use", str(path), "--skip_bad_samples", "True"]
+    assert main([*flags, "--output_dir", str(out), "--per_device_train_batch_size", "1", "--num_train_epochs", "1",
+                 "--save_strategy", "no", "--logging_steps", "7", "--tune_mm_llm", "True"]) == 0  # fmt: skip
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 42 and summary["skipped_steps"] == 2
+    assert sorted(summary["bad_samples"]) == [
+        f"file {path}, sample 30, line 31: malformed JSON: Expecting value at column 38",
+        f"file {path}, sample 7, line 8: cannot read image {tmp_path / 'absent.png'}: file not found",
+    ]
+    assert summary["last_loss"] < summary["first_loss"]
+    capsys.readouterr()
+    assert check_data.main(["--dataset_use", str(path), "--model_path", str(tiny), "--skip_bad_samples",
+                            "--output_dir", str(tmp_path / "report")]) == 0  # fmt: skip
+    assert "[check_data] training would skip 2 bad samples" in capsys.readouterr().out
+    problems = json.loads((tmp_path / "report" / "mixed_problems.json").read_text())
+    listed = sorted(f"file {path}, sample {p['index']}, line {p['line']}: {p['reason']}" for p in problems)
+    assert listed == sorted(summary["bad_samples"])

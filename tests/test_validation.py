@@ -24,7 +24,7 @@ def model_dir(tmp_path) -> Path:
 
 def _validate(model_dir: Path, *flags: str) -> None:
     argv = ["--model_name_or_path", str(model_dir), "--dataset_use", "demo_images", "--output_dir",
-            str(model_dir.parent / "out"), *flags]  # fmt: skip
+            str(model_dir.parent / "out"), "--tune_mm_mlp", "True", *flags]  # fmt: skip
     validate_flags(*parse_args(argv))
 
 
@@ -95,6 +95,12 @@ def test_defaults_and_upstream_values_pass(model_dir):
     _validate(model_dir)
     _validate(model_dir, "--max_steps", "0", "--num_train_epochs", "1", "--save_steps", "0.25", "--logging_steps", "1")
     _validate(model_dir, "--warmup_ratio", "1", "--learning_rate", "0", "--eval_strategy", "epoch", "--eval_dataset_use", "x")
+
+
+def test_a_run_that_trains_nothing_is_refused(model_dir):
+    with pytest.raises(FlagError, match="nothing would train: set --tune_mm_llm"):
+        _validate(model_dir, "--tune_mm_mlp", "False")
+    _validate(model_dir, "--tune_mm_mlp", "False", "--lora_enable", "True")
 
 
 def test_model_folder_problems_are_named(model_dir, tmp_path):

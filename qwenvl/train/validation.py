@@ -112,6 +112,9 @@ def validate_training_args(training_args) -> None:
 
 def validate_flags(model_args, data_args: DataArguments, training_args) -> None:
     """All flags of train_qwen.py, before any model or data is loaded."""
+    tuned = model_args.tune_mm_llm or model_args.tune_mm_mlp or model_args.tune_mm_vision or training_args.lora_enable
+    if not tuned:
+        raise FlagError("nothing would train: set --tune_mm_llm, --tune_mm_mlp or --tune_mm_vision, or --lora_enable")
     _require(bool(data_args.dataset_use.strip()), "dataset_use", repr(data_args.dataset_use),
              "names no dataset (a comma list of registered names or .json/.jsonl paths)")  # fmt: skip
     if training_args.eval_strategy != "no" and not data_args.eval_dataset_use.strip():
