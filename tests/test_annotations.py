@@ -65,10 +65,15 @@ def test_bad_samples_name_file_index_and_reason(item, reason):
 
 
 def test_media_tags_in_answers_are_rejected_naming_the_turn():
-    """Upstream trains a literal <image> in an answer as text; here it is a bad sample (docs/upstream.md)."""
+    """Upstream trains a literal <image> in an answer as text; in data records it is a bad sample
+    (docs/upstream.md). A prompt for inference (parse_sample alone) may end with an empty answer."""
+    item = {"image": "a.png", "conversations": convo("<image>Q", "the <image> tag")}
     with pytest.raises(SampleError, match=r"turn 1 \(assistant\) contains <image>: media tags belong") as info:
-        parse_sample({"image": "a.png", "conversations": convo("<image>Q", "the <image> tag")}, file="t.json", index=4)
-    assert info.value.kind == "tag_in_answer" and (info.value.file, info.value.index) == ("t.json", 4)
+        parse_record(AnnotationRecord(item, "", "t.json", 4, 5))
+    assert (info.value.kind, info.value.file, info.value.index, info.value.line) == ("tag_in_answer", "t.json", 4, 5)
+    with pytest.raises(SampleError, match=r"turn 1 \(assistant\) is empty"):
+        parse_record(AnnotationRecord({"conversations": convo("Q", " ")}, "", "t.json", 0))
+    assert parse_sample({"conversations": convo("Q", "")}).messages[-1] == ("assistant", "")
 
 
 def test_jsonl_malformed_line_names_line_and_index(tmp_path):

@@ -204,21 +204,27 @@ def _turns(item: dict, file: str | None, index: int | None) -> list[tuple[str, s
         turns.append((ROLE_NAMES[role], text))
     if not any(role == "assistant" for role, _ in turns):
         raise SampleError("no assistant ('gpt') turn: nothing to train on", file, index)
-    for turn_no, (role, text) in enumerate(turns):
+    return turns
+
+
+def check_answers(sample: Sample) -> Sample:
+    """Training data rules for answers (not applied to inference prompts, whose last answer is empty):
+    an answer must say something and must not hold a media tag, which would be trained on as text."""
+    for turn_no, (role, text) in enumerate(sample.messages):
         if role != "assistant":
             continue
         if not text.strip():
-            raise SampleError(f"turn {turn_no} (assistant) is empty: nothing to train on", file, index)
+            raise sample.error(f"turn {turn_no} (assistant) is empty: nothing to train on")
         tags = [tag for tag in (IMAGE_TAG, VIDEO_TAG) if tag in text]
         if tags:
             raise SampleError(
                 f"turn {turn_no} (assistant) contains {' and '.join(tags)}: media tags belong in prompts, "
                 "an answer cannot show media",
-                file,
-                index,
+                sample.file,
+                sample.index,
                 kind="tag_in_answer",
             )
-    return turns
+    return sample
 
 
 def _check_tags(turns: list[tuple[str, str]], n_images: int, n_videos: int, file: str | None, index: int | None):
@@ -243,13 +249,14 @@ def parse_sample(item: object, data_path: str = "", file: str | None = None, ind
 
 
 def parse_record(record: AnnotationRecord) -> list[Sample]:
-    """A record is one sample, or a pre-packed list of samples (from tools/pack_data.py)."""
+    """A record is one sample, or a pre-packed list of samples (from tools/pack_data.py); its answers must
+    pass `check_answers`, as it is training (or evaluation) data."""
     if record.error is not None:
         raise record.error
     items = record.item if isinstance(record.item, list) else [record.item]
     if not items:
         raise SampleError("empty pack", record.file, record.index, record.line)
     try:
-        return [parse_sample(item, record.data_path, record.file, record.index) for item in items]
+        return [check_answers(parse_sample(item, record.data_path, record.file, record.index)) for item in items]
     except SampleError as exc:
         raise exc.located(record.file, record.index, record.line) from None
