@@ -306,7 +306,14 @@ def test_cli_empty_dataset_and_bad_flag_exit_2_with_one_line(tiny_model_factory,
     assert _last_line(check.stderr) == line.replace("[train] error:", "[check_data] training would stop:")
     flag = run(*train, "--dataset_use", "demo_images", "--tune_mm_mlp", "True", "--learning_rate=-1e-3")
     assert flag.returncode == 2
-    assert flag.stderr.strip() == "[train] error: --learning_rate -0.001: must be a finite number >= 0 (a negative rate climbs the loss)"
+    assert flag.stderr.strip() == (
+        "[train] error: --learning_rate -0.001: must be a finite number >= 0 (a negative rate climbs the loss)"
+    )
+    (tmp_path / "registry.yaml").write_text("a: [unclosed\n")
+    registry = run(*train, "--dataset_use", "a", "--tune_mm_mlp", "True", "--dataset_registry",
+                   str(tmp_path / "registry.yaml"))  # fmt: skip
+    assert registry.returncode == 2 and "Traceback" not in registry.stderr
+    assert _last_line(registry.stderr).startswith(f"[train] error: --dataset_registry {tmp_path / 'registry.yaml'}: ")
 
 
 def _mixed_dataset(folder: Path, n_good: int, bad_at: dict[int, object]) -> Path:
