@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from qwenvl.data.annotations import AnnotationRecord, parse_record, parse_sample, read_annotation_file
-from qwenvl.data.errors import SampleError
+from qwenvl.data.annotations import AnnotationRecord, parse_record, parse_sample, read_annotation_file, read_dataset
+from qwenvl.data.errors import DatasetError, SampleError
 
 
 def convo(prompt: str, answer: str = "ok") -> list[dict]:
@@ -64,9 +64,16 @@ def test_bad_samples_name_file_index_and_reason(item, reason):
     assert reason in str(info.value) and "train.json" in str(info.value) and "sample 17" in str(info.value)
 
 
-def test_tags_in_answers_are_not_counted_as_media():
-    s = parse_sample({"image": "a.png", "conversations": convo("<image>Q", "the <image> tag")})
-    assert s.images == ["a.png"]
+def test_media_tags_in_answers_are_rejected_naming_the_turn():
+    """Upstream trains a literal <image> in an answer as text; in data records it is a bad sample
+    (docs/upstream.md). A prompt for inference (parse_sample alone) may end with an empty answer."""
+    item = {"image": "a.png", "conversations": convo("<image>Q", "the <image> tag")}
+    with pytest.raises(SampleError, match=r"turn 1 \(assistant\) contains <image>: media tags belong") as info:
+        parse_record(AnnotationRecord(item, "", "t.json", 4, 5))
+    assert (info.value.kind, info.value.file, info.value.index, info.value.line) == ("tag_in_answer", "t.json", 4, 5)
+    with pytest.raises(SampleError, match=r"turn 1 \(assistant\) is empty"):
+        parse_record(AnnotationRecord({"conversations": convo("Q", " ")}, "", "t.json", 0))
+    assert parse_sample({"conversations": convo("Q", "")}).messages[-1] == ("assistant", "")
 
 
 def test_jsonl_malformed_line_names_line_and_index(tmp_path):
@@ -74,7 +81,36 @@ def test_jsonl_malformed_line_names_line_and_index(tmp_path):
     path.write_text('{"a": 1}\n\n{"b": 2}\n{broken\n')
     with pytest.raises(SampleError) as info:
         read_annotation_file(path)
-    assert info.value.index == 2 and "line 4" in str(info.value) and str(path) in str(info.value)
+    assert (info.value.index, info.value.line) == (2, 4)
+    assert str(info.value).startswith(f"file {path}, sample 2, line 4:")
+
+
+def test_bad_jsonl_lines_are_kept_as_bad_records_when_skipping(tmp_path):
+    """With --skip_bad_samples a bad line (malformed, or not UTF-8) is a record that fails like a bad sample;
+    the lines around it load, and a U+2028 inside a JSON string does not split its line."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"a": 1}\n{broken\n\n{"b": "x\xe2\x80\xa8y"}\n{"c": "\xff"}\n')
+    records = read_dataset({"annotation_path": str(path), "data_path": str(tmp_path)}, skip_bad=True)
+    assert [(r.index, r.line, r.item) for r in records] == [
+        (0, 1, {"a": 1}), (1, 2, None), (2, 4, {"b": "x\u2028y"}), (3, 5, None)]  # fmt: skip
+    reasons = [r.error.reason for r in records if r.error is not None]
+    assert reasons == ["malformed JSON: Expecting property name enclosed in double quotes at column 2",
+                       "not UTF-8 text at column 8 (byte 0xff)"]  # fmt: skip
+    with pytest.raises(SampleError, match=r"sample 3, line 5: not UTF-8"):
+        parse_record(records[3])
+    with pytest.raises(SampleError, match=r"sample 1, line 2: malformed JSON"):
+        read_dataset({"annotation_path": str(path)})
+
+
+def test_byte_order_mark_is_accepted_and_other_encodings_are_named(tmp_path):
+    items = [{"conversations": convo("q")}]
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(items).encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(items[0]).encode())
+    assert read_annotation_file(tmp_path / "bom.json") == read_annotation_file(tmp_path / "bom.jsonl") == items
+    latin1 = json.dumps(items, ensure_ascii=False).replace("q", "\u00e9").encode("latin-1")
+    (tmp_path / "latin1.json").write_bytes(latin1)
+    with pytest.raises(DatasetError, match=r"not UTF-8 text: byte 0xe9 on line 1 \(save the file as UTF-8\)"):
+        read_annotation_file(tmp_path / "latin1.json")
 
 
 def test_json_list_and_jsonl_load_equal(tmp_path):
@@ -86,7 +122,7 @@ def test_json_list_and_jsonl_load_equal(tmp_path):
 
 def test_json_must_be_a_list(tmp_path):
     (tmp_path / "o.json").write_text('{"not": "a list"}')
-    with pytest.raises(SampleError, match="must hold a list"):
+    with pytest.raises(DatasetError, match="must hold a list"):
         read_annotation_file(tmp_path / "o.json")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from qwenvl.constants import IGNORE_INDEX
 from qwenvl.data.dataset import EncodedSample
-from qwenvl.data.errors import SampleError
+from qwenvl.data.errors import DatasetError, SampleError
 from qwenvl.train.data_loader import StepLoader, epoch_plan, steps_per_epoch, total_steps
 
 
@@ -124,3 +124,26 @@ def test_other_errors_reach_the_consumer():
     assert len(list(itertools.islice(iterator, 2))) == 2  # the steps before the crash arrive first
     with pytest.raises(RuntimeError, match="disk gone"):
         next(iterator)
+
+
+def test_an_empty_dataset_is_refused_at_once():
+    """It used to loop over empty epochs at 100% CPU forever."""
+    with pytest.raises(DatasetError, match="no samples"):
+        StepLoader(IndexDataset(0), collate)
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_an_epoch_of_only_bad_samples_stops_instead_of_training_on_placeholders(start):
+    """Every step of such an epoch is a one-token placeholder: an endless run of skipped steps. A resumed
+    partial epoch (start 2) is not judged, the next whole one is."""
+    n = 5
+    loader = StepLoader(IndexDataset(n, bad={i: "all_bad.jsonl" for i in range(n)}), collate, micro_batch=2)
+    iterator = loader.iterate(0, start)
+    delivered = []
+    with pytest.raises(DatasetError, match=f"all {n} samples of an epoch are bad"):
+        for step in iterator:
+            delivered.append((step.epoch, step.step_in_epoch))
+    iterator.close()
+    per_epoch = loader.steps_per_epoch
+    whole_epoch = [(1, s) for s in range(per_epoch - 1)] if start else [(0, s) for s in range(per_epoch - 1)]
+    assert delivered == [(0, s) for s in range(start, per_epoch)] * bool(start) + whole_epoch

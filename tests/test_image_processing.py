@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwenvl.data.errors import SampleError
 from qwenvl.data.image_processing import (
     VisionSettings,
     image_grid,
@@ -15,6 +16,7 @@ from qwenvl.data.image_processing import (
     preprocess_images,
     smart_resize,
 )
+from tests.bad_media import mode_images, write_bilevel_png, write_truncated_jpeg
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2VLImageProcessor  # noqa: E402
@@ -142,3 +144,52 @@ def test_unreadable_image_names_the_file(tmp_path):
         load_image(bad)
     with pytest.raises(ValueError, match="missing.png"):
         load_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("mode", list(mode_images()))
+def test_every_pil_mode_converts_to_hand_computed_rgb(mode, tmp_path):
+    """16-bit grey is scaled (PIL alone clips it to 99.6% white), CMYK uses PIL's multiplicative rule, and
+    alpha / palette transparency is dropped as HF's `convert_to_rgb` drops it (no compositing)."""
+    image, suffix, expected = mode_images()[mode]
+    path = tmp_path / f"image{suffix}"
+    image.save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode == image.mode  # the file really holds this mode
+    np.testing.assert_array_equal(np.asarray(load_image(path)), expected)
+    assert image_size(path) == (1, 2)
+
+
+@pytest.mark.parametrize("mode", ["F", "LAB"])
+def test_modes_without_an_rgb_meaning_are_refused_by_name(mode, tmp_path):
+    path = tmp_path / "odd.tif"
+    Image.new(mode, (4, 4)).save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode
+    for read in (load_image, image_size):
+        with pytest.raises(SampleError, match=f"pixel mode {mode}") as info:
+            read(path)
+        assert info.value.kind == "unsupported_media" and "odd.tif" in str(info.value)
+
+
+@pytest.mark.parametrize(("side", "refused"), [(9000, False), (11000, True), (20000, True)])
+def test_decoding_limit_is_checked_from_the_header(side, refused, tmp_path):
+    """9000^2 is under DECODE_MAX_PIXELS; 11000^2 is over it (PIL itself only warns); 20000^2 is a bomb PIL
+    refuses with its own DecompressionBombError. Both refusals are the same SampleError, decoding nothing."""
+    path = write_bilevel_png(tmp_path / f"side{side}.png", side, side)
+    if not refused:
+        assert image_size(path) == (side, side)
+        return
+    for read in (image_size, load_image):
+        with pytest.raises(SampleError, match="over the decoding limit of 89478485 pixels") as info:
+            read(path)
+        assert info.value.kind == "too_large" and f"side{side}.png" in info.value.reason
+    with pytest.raises(SampleError, match="over the decoding limit of 1000 pixels"):
+        image_size(write_bilevel_png(tmp_path / "small.png", 40, 40), decode_max_pixels=1000)
+
+
+def test_truncated_and_empty_files_are_corrupt_media(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    for path in (write_truncated_jpeg(tmp_path / "cut.jpg"), tmp_path / "empty.png"):
+        with pytest.raises(SampleError, match=path.name) as info:
+            load_image(path)
+        assert info.value.kind == "corrupt_media"

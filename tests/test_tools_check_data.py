@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from qwenvl.data.annotations import parse_sample
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.dataset import SampleTooLong
 from qwenvl.data.pipeline import build_encoder
 from tests.avi_writer import write_mjpeg_avi
 
@@ -73,7 +74,7 @@ def _problems(folder: Path, stem: str) -> list[dict]:
 
 def test_every_problem_is_found_and_located(dataset, capsys):
     path, lines = dataset
-    assert check_data.main([str(path)]) == 1
+    assert check_data.main([str(path)]) == 2  # training would stop at the first bad sample
     problems = _problems(path.parent, "train")
     found = [(p["index"], p["line"], p["kind"]) for p in problems]
     assert found == [
@@ -91,33 +92,46 @@ def test_every_problem_is_found_and_located(dataset, capsys):
     assert "conversations" in reasons[7]
     valid = json.loads((path.parent / "train_valid.json").read_text())
     assert valid == [json.loads(lines[i]) for i in (0, 1, 9, 11)]
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     kinds = "malformed_json 1, structure 1, tag_count 1, tag_in_answer 1, missing_media 1, corrupt_media 2"
     assert f"problems: {kinds}" in out
     assert "videos: 1 uses, frames 12..12, fps 6.00..6.00" in out
     assert "sample 2 (line 3): [malformed_json]" in out
-    assert "(token lengths need --model_path)" in out
+    assert "(token lengths and --model_max_length need --model_path" in out
+    assert "[check_data] training would stop at the first of 7 bad samples" in err
 
 
-def test_token_lengths_equal_the_training_encoding(dataset, processor_dir_factory, tmp_path, capsys):
+def test_with_skip_bad_samples_the_verdict_is_to_train_on(dataset, capsys):
+    path, _ = dataset
+    assert check_data.main([str(path), "--skip_bad_samples"]) == 0
+    assert "[check_data] training would skip 7 bad samples (--skip_bad_samples) and train on the others" in (
+        capsys.readouterr().out
+    )
+
+
+def test_token_lengths_and_too_long_samples_as_training_sees_them(dataset, processor_dir_factory, tmp_path, capsys):
+    """--model_max_length 60: the 300x200 image's vision block crosses token 60, so training refuses that sample
+    (SampleTooLong) and check_data reports it with the same reason; the other lengths are the encoder's."""
     path, lines = dataset
     model_dir = processor_dir_factory("qwen2.5vl")
     out_dir = tmp_path / "report"
-    limits = ["--model_max_length", "60", "--pack_length", "100"]
+    limits = ["--model_max_length", "60", "--pack_length", "40"]
     code = check_data.main([str(path), "--model_path", str(model_dir), *limits, "--output_dir", str(out_dir)])
-    assert code == 1
-    encoder = build_encoder(model_dir, DataArguments())
-    lengths = sorted(
-        encoder.encode(parse_sample(json.loads(lines[i]), str(path.parent))).num_tokens for i in (0, 1, 9, 11)
-    )
-    a, b, c, d = lengths
-    median, p95 = (b + c) / 2, c + 0.85 * (d - c)  # p95 of 4 values: position 0.95 * 3 = 2.85
+    assert code == 2
+    uncut = build_encoder(model_dir, DataArguments())
+    lengths = sorted(uncut.encode(parse_sample(json.loads(lines[i]), str(path.parent))).num_tokens for i in (0, 1, 9))
+    with pytest.raises(SampleTooLong) as too_long:
+        build_encoder(model_dir, DataArguments(), 60).encode(parse_sample(json.loads(lines[11]), str(path.parent)))
+    problem = next(p for p in _problems(out_dir, "train") if p["index"] == 10)
+    assert problem == {"index": 10, "line": 12, "kind": "too_long", "reason": too_long.value.reason}
+    a, b, c = lengths
+    p95 = b + 0.9 * (c - b)  # p95 of 3 values: position 0.95 * 2 = 1.9
     table = capsys.readouterr().out.splitlines()
     header = next(line for line in table if line.startswith("dataset"))
     row = table[table.index(header) + 2].split()
-    assert header.split()[-2:] == [">60", ">100"]
-    over = [str(sum(n > limit for n in lengths)) for limit in (60, 100)]
-    assert row[1:] == ["11", "4", "7", str(a), f"{median:.0f}", f"{p95:.0f}", str(d), *over]
+    assert header.split()[-2:] == [">60", ">40"]
+    over = [str(sum(n > limit for n in lengths)) for limit in (60, 40)]
+    assert row[1:] == ["11", "3", "8", str(a), str(b), f"{p95:.0f}", str(c), *over]
     assert (out_dir / "train_valid.json").is_file() and (out_dir / "train_problems.json").is_file()
     assert not (path.parent / "train_valid.json").exists()
 
@@ -132,6 +146,12 @@ def test_histogram_bins_and_bars():
     narrow = [line.split()[:3] for line in check_data.histogram([5, 7, 7])]
     assert narrow == [["5", "-", "5"], ["6", "-", "6"], ["7", "-", "7"]]
     assert check_data.histogram([42])[0].split() == ["42", "-", "42", "|", "#" * 40, "1"]
+
+
+def test_model_max_length_defaults_to_training(dataset, processor_dir_factory, tmp_path, capsys):
+    path, _ = dataset
+    check_data.main([str(path), "--model_path", str(processor_dir_factory("qwen2.5vl")), "--output_dir", str(tmp_path)])
+    assert ">512" in capsys.readouterr().out.split()
 
 
 def test_registry_input_clean_file_exits_0(tmp_path, capsys):
@@ -153,7 +173,7 @@ def test_file_level_problems(tmp_path, capsys):
     (tmp_path / "broken.json").write_text('{"image": "a.png"}\n{"image": "b.png"}\n')
     (tmp_path / "object.json").write_text('{"image": "a.png"}')
     code = check_data.main([str(tmp_path / name) for name in ("broken.json", "object.json", "absent.json")])
-    assert code == 1
+    assert code == 2
     broken = _problems(tmp_path, "broken")
     reason = "malformed JSON at line 2 column 1: Extra data (one sample per line? name the file .jsonl)"
     assert broken == [{"index": None, "kind": "malformed_json", "reason": reason}]
@@ -166,7 +186,9 @@ def test_setup_errors_exit_2(tmp_path, capsys):
     assert "do not find dataset 'no_such_set'" in capsys.readouterr().err
     (tmp_path / "x.json").write_text("[]")
     assert check_data.main([str(tmp_path / "x.json"), "--model_path", str(tmp_path / "no_model")]) == 2
-    assert "config.json not found" in capsys.readouterr().err
+    assert "--model_name_or_path " + str(tmp_path / "no_model") + ": no such folder" in capsys.readouterr().err
+    assert check_data.main([str(tmp_path / "x.json"), "--min_pixels", "9000", "--max_pixels", "100"]) == 2
+    assert "[check_data] error: --min_pixels 9000: must not exceed --max_pixels 100" in capsys.readouterr().err
 
 
 
@@ -177,7 +199,7 @@ def test_parallel_media_checks_give_the_same_report(dataset, tmp_path):
     outputs = []
     for workers in ("1", "2"):
         out_dir = tmp_path / f"workers{workers}"
-        assert check_data.main([str(path), "--num_workers", workers, "--output_dir", str(out_dir)]) == 1
+        assert check_data.main([str(path), "--num_workers", workers, "--output_dir", str(out_dir)]) == 2
         problems = [(p["index"], p["line"], p["kind"]) for p in _problems(out_dir, "train")]
         outputs.append(((out_dir / "train_valid.json").read_text(), problems))
     assert outputs[0] == outputs[1]

@@ -1,23 +1,25 @@
-"""Check annotation files before training: every problem found at once, with where it is.
+"""Check annotation files before training: training's own verdict on every sample, all problems at once.
 
     python tools/check_data.py data/train.jsonl data/val.json --model_path Qwen2.5-VL-3B-Instruct
     python tools/check_data.py --dataset_use my_set,other%50 --dataset_registry registry.json \\
         --model_path DIR --model_max_length 4096 --pack_length 8192 --max_pixels 1003520
 
-Per sample: JSON validity (a malformed JSONL line is reported with its line number and the other lines
-are still checked), the sample structure (a `conversations` list of turns with from/value or
-role/content, an assistant turn), `<image>`/`<video>` tags in the prompts equal to the number of media
-files, no media tag inside an assistant answer, every image present and decodable (PIL verify + load),
-every video present and decodable with decord (the frames training samples are decoded, by the
-model's rule, or Qwen2.5-VL's default rule without --model_path; frame count and fps are reported).
-With --model_path, the token length of each valid sample is counted by the training pipeline itself
-(same tokenizer, template and pixel/video flags as train_qwen.py; no pixel decoding needed) and
-summarised: min/median/p95/max, how many exceed --model_max_length and --pack_length, and a text
-histogram. Every sample of a file is checked, whatever its %N rate.
+Every item goes through exactly what training runs on it (`qwenvl.data.validation.load_item`: parsing,
+media decoding, tokenisation and the `--model_max_length` cut) with the training flags and their
+training defaults, so a sample is a problem here exactly when training would stop on it, or skip it
+with --skip_bad_samples, and the reason is the same text. Datasets are read as training reads them: a
+dataset that selects no samples (an empty file, `%0`), a missing file or a JSON list that does not
+parse stops training whatever the flags. Without --model_path only the structure and the media are
+checked (token lengths need the model's tokenizer). Every sample of a file is checked, whatever its %N.
+
+With --model_path the token length of each valid sample (before the cut) is summarised: min/median/
+p95/max, how many exceed --model_max_length and --pack_length, and a text histogram.
 
 Writes `<stem>_valid.json` (the valid samples, unchanged) and `<stem>_problems.json` (a list of
 {index, line (JSONL only), kind, reason}; index is the 0-based sample position in the file) beside each
-input, or in --output_dir. Exit code: 0 no problem, 1 problems found, 2 the check could not run.
+input, or in --output_dir. Exit code, as training with the same flags: 0 training would run (skipping
+the bad samples with --skip_bad_samples; the count is printed), 2 training would stop (a bad sample
+without --skip_bad_samples, an unusable dataset, nothing valid at all) or the check could not run.
 """
 
 from __future__ import annotations
@@ -25,41 +27,30 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwenvl.cli_args import dataclass_from_args  # noqa: E402
-from qwenvl.constants import IMAGE_TAG, VIDEO_TAG  # noqa: E402
-from qwenvl.data import data_list, load_registry_file  # noqa: E402
-from qwenvl.data.annotations import AnnotationRecord, Sample, parse_record  # noqa: E402
+from qwenvl.cli_args import dataclass_from_args, parse_bool  # noqa: E402
+from qwenvl.data.annotations import apply_rate, read_dataset  # noqa: E402
 from qwenvl.data.arguments import DataArguments  # noqa: E402
-from qwenvl.data.errors import SampleError  # noqa: E402
-from qwenvl.data.image_processing import VisionSettings  # noqa: E402
-from qwenvl.data.pipeline import add_data_flags, build_encoder  # noqa: E402
-from qwenvl.data.video_processing import read_video  # noqa: E402
+from qwenvl.data.dataset import SampleEncoder, SupervisedDataset  # noqa: E402
+from qwenvl.data.errors import PROBLEM_KINDS, DatasetError, SampleError, nothing_to_train  # noqa: E402
+from qwenvl.data.pipeline import add_data_flags, build_encoder, dataset_configs, vision_settings  # noqa: E402
+from qwenvl.data.validation import ItemCheck, check_item, check_item_in_worker, init_worker  # noqa: E402
+from qwenvl.errors import UserError  # noqa: E402
+from qwenvl.train.argument import TrainingArguments  # noqa: E402
+from qwenvl.train.validation import validate_data_args, validate_model_folder, validate_training_args  # noqa: E402
 
-PROBLEM_KINDS = (
-    "annotation_file",
-    "malformed_json",
-    "structure",
-    "tag_count",
-    "tag_in_answer",
-    "missing_media",
-    "corrupt_media",
-    "token_count",
-)
 HISTOGRAM_BINS = 10
 HISTOGRAM_WIDTH = 40
-_DECORD_LOCATION = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")  # "[09:49:08] src/x.cc:292: " in decord messages
+NO_MODEL_FAMILY = "qwen2.5vl"  # media checks without --model_path use this family's vision defaults
 
 
 @dataclass
@@ -69,20 +60,15 @@ class Problem:
     kind: str
     reason: str
 
+    @classmethod
+    def of(cls, error: SampleError) -> "Problem":
+        return cls(error.index, error.line, error.kind, error.reason)
+
     def to_json(self) -> dict:
         entry: dict = {"index": self.index}
         if self.line is not None:
             entry["line"] = self.line
         return {**entry, "kind": self.kind, "reason": self.reason}
-
-
-@dataclass
-class Entry:
-    """One raw item of an annotation file: its sample position, its JSONL line, and the parsed JSON."""
-
-    index: int
-    line: int | None
-    item: object
 
 
 @dataclass
@@ -96,9 +82,11 @@ class DatasetReport:
     problems: list[Problem] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     videos: list[tuple[int, float]] = field(default_factory=list)
+    stop: DatasetError | None = None  # the dataset itself is unusable: training stops whatever the flags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = TrainingArguments()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "annotations", nargs="*", help=".json/.jsonl annotation files (media relative to their folder or --data_path)"
@@ -109,16 +97,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dataset_registry", default=None, help="registry file for --dataset_use, as train_qwen.py")
     parser.add_argument(
-        "--model_path", "-m", default=None, help="model folder: token lengths with its tokenizer and processor settings"
-    )
-    parser.add_argument("--model_max_length", type=int, default=None, help="report samples longer than this")
+        "--model_path", "--model_name_or_path", "-m", dest="model_path", default=None,
+        help="model folder: tokenizer, template and processor settings, as train_qwen.py's --model_name_or_path",
+    )  # fmt: skip
+    parser.add_argument("--model_max_length", type=int, default=defaults.model_max_length,
+                        help=f"as train_qwen.py (default: {defaults.model_max_length}, as training)")  # fmt: skip
+    parser.add_argument("--skip_bad_samples", type=parse_bool, nargs="?", const=True, default=False,
+                        help="as train_qwen.py: exit 0 when training would skip the bad samples and go on")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="as train_qwen.py (selects the %%N subsets)")
     parser.add_argument("--pack_length", type=int, default=None, help="report samples longer than this pack length")
     parser.add_argument(
         "--output_dir",
         default=None,
         help="where <stem>_valid.json and <stem>_problems.json go (default: beside each input)",
     )
-    parser.add_argument("--num_workers", type=int, default=1, help="processes decoding media files (default: 1)")
+    parser.add_argument("--num_workers", type=int, default=1, help="processes checking samples (default: 1)")
     parser.add_argument(
         "--show", type=int, default=10, help="problems printed per dataset (default: 10; all are in the problems file)"
     )
@@ -129,185 +122,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def dataset_configs(args: argparse.Namespace) -> list[dict]:
+def all_configs(args: argparse.Namespace, data_args: DataArguments) -> list[dict]:
     """Positional files and --dataset_use entries resolved like training; each file once."""
     configs = []
     for path in args.annotations:
         data_path = args.data_path if args.data_path is not None else str(Path(path).resolve().parent)
         configs.append({"name": path, "annotation_path": path, "data_path": data_path, "sampling_rate": 1.0})
     if args.dataset_use:
-        registry = load_registry_file(args.dataset_registry) if args.dataset_registry else None
-        configs.extend(data_list(args.dataset_use, registry))
+        configs.extend(dataset_configs(data_args))
     unique = {}
     for config in configs:
         unique.setdefault(str(Path(str(config["annotation_path"])).resolve()), config)
     return list(unique.values())
 
 
-def read_entries(path: Path) -> tuple[list[Entry], list[Problem]]:
-    """Raw items of a JSON list or a JSONL file; JSONL lines that do not parse are problems, not stops."""
-    if not path.is_file():
-        return [], [Problem(None, None, "annotation_file", f"annotation file not found: {path}")]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return [], [Problem(None, None, "annotation_file", f"cannot read {path}: {exc}")]
-    if path.suffix == ".jsonl":
-        entries, problems = [], []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            index = len(entries) + len(problems)
-            try:
-                entries.append(Entry(index, line_no, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                reason = f"malformed JSON: {exc.msg} at column {exc.colno}"
-                problems.append(Problem(index, line_no, "malformed_json", reason))
-        return entries, problems
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as exc:
-        hint = " (one sample per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
-        reason = f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}{hint}"
-        return [], [Problem(None, None, "malformed_json", reason)]
-    if not isinstance(items, list):
-        return [], [Problem(None, None, "annotation_file", "a JSON annotation file must hold a list of samples")]
-    return [Entry(i, None, item) for i, item in enumerate(items)], []
+def setup(args: argparse.Namespace) -> tuple[list[dict], SampleEncoder]:
+    """Flags validated as training validates them, datasets resolved, the training encoder built."""
+    data_args = dataclass_from_args(DataArguments, args)
+    validate_data_args(data_args)
+    validate_training_args(TrainingArguments(model_max_length=args.model_max_length, seed=args.seed))
+    configs = all_configs(args, data_args)
+    if args.model_path is None:
+        settings = vision_settings(None, NO_MODEL_FAMILY, data_args)
+        return configs, SampleEncoder(None, settings, NO_MODEL_FAMILY, system_prompt=data_args.system_prompt)
+    validate_model_folder(args.model_path, weights=False)
+    return configs, build_encoder(args.model_path, data_args, args.model_max_length)
 
 
-@dataclass(frozen=True)
-class MediaResult:
-    """Outcome of decoding one media file: a problem kind and reason, or the video's frames and fps."""
-
-    kind: str | None = None
-    reason: str = ""
-    frames: int | None = None
-    fps: float | None = None
-
-
-def check_image(path: str) -> MediaResult:
-    if not Path(path).is_file():
-        return MediaResult("missing_media", f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:
-            image.load()
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return MediaResult("corrupt_media", f"cannot decode image {path}: {type(exc).__name__}: {exc}")
-    return MediaResult()
+def check_items(dataset: SupervisedDataset, workers: int, label: str) -> list[ItemCheck]:
+    """`check_item` for every item, in `workers` processes when > 1 (spawned: decord and tokenizers hold threads)."""
+    indices = range(len(dataset))
+    progress = {"desc": f"check {label}", "unit": "sample", "disable": None, "total": len(dataset)}
+    if workers > 1 and len(dataset) > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, context, init_worker, (dataset,)) as pool:
+            return list(tqdm(pool.map(check_item_in_worker, indices, chunksize=4), **progress))
+    return [check_item(dataset, i) for i in tqdm(indices, **progress)]
 
 
-def check_video(path: str, settings: VisionSettings) -> MediaResult:
-    """Open with decord and decode the frames training would sample."""
-    if not Path(path).is_file():
-        return MediaResult("missing_media", f"video not found: {path}")
-    try:
-        clip = read_video(path, settings)
-    except Exception as exc:  # decord raises its own error types besides the pipeline's ValueError
-        reason = (_DECORD_LOCATION.sub("", str(exc)).strip().splitlines() or [type(exc).__name__])[0]
-        if path not in reason:
-            reason = f"cannot decode video {path}: {reason}"
-        return MediaResult("corrupt_media", reason)
-    return MediaResult(frames=clip.meta.total_frames, fps=clip.meta.fps)
-
-
-def check_media(kind: str, path: str, settings: VisionSettings) -> MediaResult:
-    return check_image(path) if kind == "image" else check_video(path, settings)
-
-
-class MediaChecker:
-    """Decodes each media file once, however many samples use it, in `workers` processes when > 1."""
-
-    def __init__(self, settings: VisionSettings, workers: int = 1):
-        self.settings = settings
-        self.workers = workers
-        self._results: dict[tuple[str, str], MediaResult] = {}
-
-    def prefetch(self, images: list[str], videos: list[str]) -> None:
-        """Check every file not seen yet."""
-        jobs = [("image", p) for p in dict.fromkeys(images)] + [("video", p) for p in dict.fromkeys(videos)]
-        jobs = [job for job in jobs if job not in self._results]
-        if not jobs:
-            return
-        if self.workers > 1 and len(jobs) > 1:
-            # spawn, not fork: decord and the tokenizer hold threads that a fork would copy mid-state
-            with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(check_media, kind, path, self.settings) for kind, path in jobs]
-                results = [f.result() for f in tqdm(futures, desc="media", unit="file", disable=None)]
-        else:
-            progress = tqdm(jobs, desc="media", unit="file", disable=None)
-            results = [check_media(kind, path, self.settings) for kind, path in progress]
-        self._results.update(zip(jobs, results))
-
-    def image(self, path: str) -> MediaResult:
-        self.prefetch([path], [])
-        return self._results[("image", path)]
-
-    def video(self, path: str) -> MediaResult:
-        self.prefetch([], [path])
-        return self._results[("video", path)]
-
-
-def _structure_kind(error: SampleError) -> str:
-    return "tag_count" if "tag(s) in the prompt" in error.reason else "structure"
-
-
-def _answer_tags(samples: list[Sample]) -> list[str]:
-    found = []
-    for sample in samples:
-        for role, text in sample.messages:
-            if role == "assistant":
-                found.extend(tag for tag in (IMAGE_TAG, VIDEO_TAG) if tag in text and tag not in found)
-    return found
-
-
-def parse_entry(entry: Entry, report: DatasetReport) -> list[Sample] | Problem:
-    """The samples of one item (a sample, or a pre-packed list of samples), or its structural problem."""
-    try:
-        return parse_record(AnnotationRecord(entry.item, report.data_path, str(report.file), entry.index))
-    except SampleError as exc:
-        return Problem(entry.index, entry.line, _structure_kind(exc), exc.reason)
-
-
-def check_samples(
-    entry: Entry, samples: list[Sample], report: DatasetReport, media: MediaChecker, encoder
-) -> list[Problem]:
-    """Every problem of one parsed item; records its token length when it has none."""
-    problems = []
-    tags = _answer_tags(samples)
-    if tags:
-        problems.append(Problem(entry.index, entry.line, "tag_in_answer", f"{', '.join(tags)} in an assistant answer"))
-    for sample in samples:
-        results = [media.image(path) for path in sample.images] + [media.video(path) for path in sample.videos]
-        report.videos.extend((r.frames, r.fps) for r in results if r.frames is not None)
-        problems.extend(Problem(entry.index, entry.line, r.kind, r.reason) for r in results if r.kind is not None)
-    if problems or encoder is None:
-        return problems
-    try:
-        report.lengths.append(sum(encoder.count_tokens(sample) for sample in samples))
-    except Exception as exc:  # SampleError from the pipeline, or a decoder's own error type
-        problems.append(Problem(entry.index, entry.line, "token_count", getattr(exc, "reason", str(exc))))
-    return problems
-
-
-def check_dataset(config: dict, media: MediaChecker, encoder) -> DatasetReport:
-    """Parse every item, decode every media file once (in parallel), then check and count item by item."""
+def check_dataset(config: dict, encoder: SampleEncoder, args: argparse.Namespace) -> DatasetReport:
+    """Read the file as training does, refuse what training refuses, then check every item."""
     file = Path(str(config["annotation_path"]))
     data_path = str(config.get("data_path") or "")
     report = DatasetReport(str(config["name"]), file, data_path, float(config.get("sampling_rate", 1.0)))
-    entries, report.problems = read_entries(file)
-    report.n_samples = len(entries) + sum(p.index is not None for p in report.problems)
-    parsed = [(entry, parse_entry(entry, report)) for entry in entries]
-    samples = [s for _, result in parsed if isinstance(result, list) for s in result]
-    media.prefetch([p for s in samples for p in s.images], [p for s in samples for p in s.videos])
-    for entry, result in tqdm(parsed, desc=f"check {file.name}", unit="sample", disable=None):
-        problems = [result] if isinstance(result, Problem) else check_samples(entry, result, report, media, encoder)
-        if problems:
-            report.problems.extend(problems)
-        else:
-            report.valid.append(entry.item)
-    report.problems.sort(key=lambda p: (-1 if p.index is None else p.index))
+    try:
+        records = read_dataset(config, skip_bad=True)
+        apply_rate(records, config, args.seed)
+    except DatasetError as exc:
+        report.stop = exc
+        report.problems.append(Problem.of(exc))
+        return report
+    report.n_samples = len(records)
+    results = check_items(SupervisedDataset(records, encoder), args.num_workers, file.name)
+    for record, result in zip(records, results):
+        if result.error is not None:
+            report.problems.append(Problem.of(result.error))
+            continue
+        report.valid.append(record.item)
+        report.videos.extend(result.videos)
+        if result.tokens is not None:
+            report.lengths.append(result.tokens)
     return report
 
 
@@ -350,7 +224,7 @@ def histogram(lengths: list[int]) -> list[str]:
 
 def summary_table(reports: list[DatasetReport], args: argparse.Namespace) -> list[str]:
     headers = ["dataset", "samples", "valid", "problems", "min", "median", "p95", "max"]
-    headers.append(f">{args.model_max_length}" if args.model_max_length else ">max_len")
+    headers.append(f">{args.model_max_length}")
     headers.append(f">{args.pack_length}" if args.pack_length else ">pack")
     rows = []
     for report in reports:
@@ -396,17 +270,31 @@ def describe(report: DatasetReport, show: int) -> list[str]:
     return lines
 
 
+def training_verdict(reports: list[DatasetReport], skip_bad: bool) -> tuple[int, str]:
+    """What train_qwen.py does with these datasets and flags: its exit code and one line saying why."""
+    stopped = [report.stop for report in reports if report.stop is not None]
+    if stopped:
+        return 2, f"training would stop: {stopped[0].one_line()}"
+    bad = sum(len(report.problems) for report in reports)
+    if not bad:
+        return 0, f"no problems: training would use all {sum(r.n_samples for r in reports)} samples"
+    if not skip_bad:
+        return 2, (f"training would stop at the first of {bad} bad samples it meets "
+                   "(fix them, train on the valid files, or pass --skip_bad_samples)")  # fmt: skip
+    if not any(report.valid for report in reports):
+        return 2, f"training would stop: {nothing_to_train(bad).one_line()}"
+    return 0, f"training would skip {bad} bad samples (--skip_bad_samples) and train on the others"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    data_args = dataclass_from_args(DataArguments, args)
     try:
-        configs = dataset_configs(args)
-        encoder = build_encoder(args.model_path, data_args, args.model_max_length) if args.model_path else None
-    except Exception as exc:  # unknown name, unreadable registry (JSON/YAML), model folder the tokenizer rejects
-        print(f"[check_data] error: {exc}", file=sys.stderr)
+        configs, encoder = setup(args)
+    except (UserError, OSError) as exc:  # bad flag or model folder, unknown dataset, unreadable registry or tokenizer
+        message = exc.one_line() if isinstance(exc, UserError) else " ".join(str(exc).split())
+        print(f"[check_data] error: {message}", file=sys.stderr)
         return 2
-    media = MediaChecker(encoder.settings if encoder else VisionSettings.for_family("qwen2.5vl"), args.num_workers)
-    reports = [check_dataset(config, media, encoder) for config in configs]
+    reports = [check_dataset(config, encoder, args) for config in configs]
     taken: set[str] = set()
     for report in reports:
         print("\n".join(describe(report, args.show)))
@@ -421,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote {valid_path} ({len(report.valid)} samples), {problems_path} ({len(report.problems)} problems)\n")
     print("\n".join(summary_table(reports, args)))
-    if encoder is None:
-        print("(token lengths need --model_path)")
-    return 1 if any(report.problems for report in reports) else 0
+    if encoder.tokenizer is None:
+        print("(token lengths and --model_max_length need --model_path: structure and media checked only)")
+    code, verdict = training_verdict(reports, args.skip_bad_samples)
+    print(f"[check_data] {verdict}", file=sys.stderr if code else sys.stdout)
+    return code
 
 
 if __name__ == "__main__":

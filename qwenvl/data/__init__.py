@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from qwenvl.errors import UserError
+
 _DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"
 
 # Upstream's placeholder entries keep their names so existing launch flags resolve; edit the paths,
@@ -46,26 +48,36 @@ def _strip_rate(entry: str) -> str:
     return _RATE.sub("", entry)
 
 
+class RegistryError(UserError):
+    """An unknown dataset name or an unreadable registry file."""
+
+
+def _read_registry(path: Path) -> object:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        return yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())
+        kind = path.suffix[1:] or "JSON"
+        raise RegistryError(f"--dataset_registry {path}: cannot read it as {kind}: {reason}") from exc
+
+
 def load_registry_file(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     """Read a user registry (JSON or YAML): `{name: {annotation_path, data_path}}`.
 
     Relative paths in the file are resolved against the registry file's folder, so a registry can
-    travel with its data.
+    travel with its data. Any problem is a `RegistryError` naming the file.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        entries = yaml.safe_load(text)
-    else:
-        entries = json.loads(text)
+    entries = _read_registry(path)
     if not isinstance(entries, dict):
-        raise ValueError(f"{path}: a registry file maps dataset names to {{annotation_path, data_path}}")
+        raise RegistryError(f"{path}: a registry file maps dataset names to {{annotation_path, data_path}}")
     registry = {}
     for name, entry in entries.items():
         if not isinstance(entry, dict) or "annotation_path" not in entry:
-            raise ValueError(f"{path}: entry {name!r} needs an 'annotation_path' (and optionally 'data_path')")
+            raise RegistryError(f"{path}: entry {name!r} needs an 'annotation_path' (and optionally 'data_path')")
         registry[name] = {
             "annotation_path": str(path.parent / entry["annotation_path"]),
             "data_path": str(path.parent / entry.get("data_path", "")),
@@ -83,7 +95,7 @@ def data_list(
     """Resolve `--dataset_use` entries to configs with `annotation_path`, `data_path`, `sampling_rate`.
 
     Registry entries win over file paths; a path entry's media folder is the annotation's folder.
-    Unknown names raise a ValueError listing every known name.
+    Unknown names raise a RegistryError listing every known name.
     """
     if isinstance(dataset_names, str):
         dataset_names = [n for n in (part.strip() for part in dataset_names.split(",")) if n]
@@ -96,7 +108,7 @@ def data_list(
         elif _is_annotation_path(name):
             config = {"annotation_path": name, "data_path": str(Path(name).resolve().parent)}
         else:
-            raise ValueError(
+            raise RegistryError(
                 f"do not find dataset {name!r}: not a registered name and not a path to a .json/.jsonl file. "
                 f"Known names: {', '.join(sorted(known))}"
             )

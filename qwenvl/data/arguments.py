@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qwenvl.data.image_processing import DECODE_MAX_PIXELS
+
 
 def _flag(default, help_text: str, **extra):
     return field(default=default, metadata={"help": help_text, **extra})
@@ -27,3 +29,6 @@ class DataArguments:
     video_min_pixels: int = _flag(256 * 28 * 28, "Qwen3 video: min pixels per clip")
     video_fps: float = _flag(2.0, "Qwen3 video: frames sampled per second")
     system_prompt: str = _flag("You are a helpful assistant.", "Qwen2/2.5 default system prompt")
+    decode_max_pixels: int = _flag(
+        DECODE_MAX_PIXELS, "largest image or video frame (width x height) decoded; larger files are bad samples"
+    )

@@ -39,6 +39,9 @@ from qwenvl.data.video_processing import (
 class SampleTooLong(SampleError):
     """Longer than `model_max_length` and cannot be cut without breaking a vision block or all labels."""
 
+    def __init__(self, reason: str, file=None, index=None, line=None, kind: str = "too_long"):
+        super().__init__(reason, file, index, line, kind)
+
 
 @dataclass
 class EncodedSample:
@@ -84,12 +87,15 @@ def _located(sample: Sample) -> Iterator[None]:
         yield
     except SampleError as exc:
         raise exc.located(sample.file, sample.index) from exc
-    except ValueError as exc:
-        raise SampleError(str(exc), sample.file, sample.index) from exc
+    except ValueError as exc:  # a template or tokenizer refusing the text
+        raise SampleError(str(exc), sample.file, sample.index, kind="encoding") from exc
 
 
 class SampleEncoder:
-    """Encodes samples for one model family with fixed tokenizer and vision settings."""
+    """Encodes samples for one model family with fixed tokenizer and vision settings.
+
+    Without a tokenizer only `media` works: check_data uses that to check media without a model folder.
+    """
 
     def __init__(
         self,
@@ -106,7 +112,7 @@ class SampleEncoder:
         self.family = family
         self.model_max_length = model_max_length
         self.system_prompt = system_prompt
-        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        self.special = SpecialTokens.from_tokenizer(tokenizer) if tokenizer is not None else None
         self.rope_index = rope_index_fn(family)
 
     def _image_tokens(self, grid: np.ndarray) -> VisualTokens:
@@ -120,10 +126,12 @@ class SampleEncoder:
             return VisualTokens("video", (per_group,) * t, tuple(timestamps))
         return VisualTokens("video", (t * per_group,))
 
-    def _media(self, sample: Sample) -> _Media:
+    def media(self, sample: Sample) -> _Media:
+        """Decode and preprocess every image and video of a sample, in tag order."""
         media = _Media()
+        limit = self.settings.decode_max_pixels
         if sample.images:
-            pixels, grids = preprocess_images([load_image(path) for path in sample.images], self.settings)
+            pixels, grids = preprocess_images([load_image(path, limit) for path in sample.images], self.settings)
             media.pixel_values.append(pixels)
             media.image_grids.extend(grids)
             media.visuals.extend(self._image_tokens(g) for g in grids)
@@ -137,9 +145,10 @@ class SampleEncoder:
 
     def _visuals_from_headers(self, sample: Sample) -> list[VisualTokens]:
         """The vision blocks of a sample from image headers and video metadata, no pixel work."""
-        visuals = [self._image_tokens(image_grid(*image_size(path), self.settings)) for path in sample.images]
+        limit = self.settings.decode_max_pixels
+        visuals = [self._image_tokens(image_grid(*image_size(path, limit), self.settings)) for path in sample.images]
         for path in sample.videos:
-            meta = read_video_meta(path)
+            meta = read_video_meta(path, limit)
             stamps = group_timestamps(sample_frames(meta, self.settings), meta.fps, self.settings.temporal_patch_size)
             visuals.append(self._video_tokens(video_grid(meta, self.settings), stamps))
         return visuals
@@ -179,7 +188,7 @@ class SampleEncoder:
     def encode(self, sample: Sample) -> EncodedSample:
         """Tokens, labels, pixels and 3-D positions of one sample."""
         with _located(sample):
-            media = self._media(sample)
+            media = self.media(sample)
             input_ids, labels = self._tokens(sample, media.visuals)
         input_ids, labels = self._truncate(sample, input_ids, labels)
         image_grid = np.stack(media.image_grids).astype(np.int64) if media.image_grids else None
@@ -243,5 +252,22 @@ class SupervisedDataset:
     def samples(self, i: int) -> list[Sample]:
         return parse_record(self.records[i])
 
+    @contextmanager
+    def _record(self, i: int) -> Iterator[list[Sample]]:
+        """The samples of record i; any SampleError inside names the record's file, index and line."""
+        record = self.records[i]
+        try:
+            yield self.samples(i)
+        except SampleError as exc:
+            raise exc.located(record.file, record.index, record.line) from None
+
     def __getitem__(self, i: int) -> EncodedSample:
-        return concat_encoded([self.encoder.encode(sample) for sample in self.samples(i)])
+        with self._record(i) as samples:
+            return concat_encoded([self.encoder.encode(sample) for sample in samples])
+
+    def check_media(self, i: int) -> None:
+        """What `__getitem__` checks short of tokenising: structure, then every media file decoded."""
+        with self._record(i) as samples:
+            for sample in samples:
+                with _located(sample):
+                    self.encoder.media(sample)

@@ -4,22 +4,42 @@ Steps: `smart_resize` to multiples of patch*merge within the pixel bounds, bicub
 by 1/255 (through float64, as HF does), normalise in float32, repeat to `temporal_patch_size` frames and
 cut into patches `(t*h*w, C*T*P*P)` in the merge-window order the vision tower expects. `VisionSettings`
 holds every number that changes pixels or token counts, so training and tools share one source.
+
+Decoding is guarded and explicit: a file whose header announces more than `decode_max_pixels`
+(width x height, default `DECODE_MAX_PIXELS`) is refused before any pixel is decompressed, and pixel
+modes are converted as HF's `convert_to_rgb` does (`image.convert("RGB")`: alpha dropped, not composited)
+except 16-bit grey (`I;16*`, `I`), which PIL would clip to white and is scaled to 8 bits here; modes
+with no defined RGB meaning are refused by name. Every refusal is a `SampleError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from qwenvl.data.errors import SampleError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
 MAX_ASPECT_RATIO = 200
+# PIL's own decompression-bomb threshold (it warns above it and refuses above twice it): ~9459 x 9459.
+DECODE_MAX_PIXELS = 89_478_485
+# PIL refuses to open anything larger whatever we allow, so --decode_max_pixels cannot go above it.
+DECODE_MAX_PIXELS_CEILING = 2 * DECODE_MAX_PIXELS
+# Modes that `convert("RGB")` maps to their meaning; 16-bit grey is scaled by `_sixteen_bit_to_rgb`.
+RGB_CONVERTIBLE_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "1", "P", "PA", "CMYK", "YCbCr")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# PIL errors while decoding untrusted bytes: the file is bad, not the program.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -42,6 +62,7 @@ class VisionSettings:
     video_max_pixels: int = 1024 * 28 * 28
     video_fps: float = 2.0
     base_interval: int = 2
+    decode_max_pixels: int = DECODE_MAX_PIXELS
 
     @property
     def factor(self) -> int:
@@ -90,9 +111,10 @@ def smart_resize(
     factor) x height x width: HF's Qwen3-VL video rule. The defaults give the image rule.
     """
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(
+        raise SampleError(
             f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} image exceeds "
-            f"{MAX_ASPECT_RATIO}"
+            f"{MAX_ASPECT_RATIO}",
+            kind="unsupported_media",
         )
     t_bar = max(temporal_factor, round(frames / temporal_factor) * temporal_factor)
     h_bar = round(height / factor) * factor
@@ -108,22 +130,75 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode to RGB (as upstream); a missing or corrupt file raises ValueError naming the path."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
+def _too_large(path: str | Path, limit: int, size: str = "") -> SampleError:
+    return SampleError(
+        f"image {path}{size} is over the decoding limit of {limit} pixels (a decompression-bomb guard): "
+        "downscale the file, or raise --decode_max_pixels",
+        kind="too_large",
+    )
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) from the file header only, for token counting without decoding."""
+def _open(path: str | Path, limit: int) -> Image.Image:
+    """Open lazily (header only) and refuse a missing file, an oversized image or an unsupported mode."""
+    if not Path(path).is_file():
+        raise SampleError(f"cannot read image {path}: file not found", kind="missing_media")
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+            image = Image.open(path)
+    except Image.DecompressionBombError as exc:  # beyond PIL's hard ceiling, so beyond ours too
+        raise _too_large(path, limit) from exc
+    except _DECODE_ERRORS as exc:
+        raise SampleError(f"cannot read image {path}: {exc}", kind="corrupt_media") from exc
+    width, height = image.size
+    if width * height > limit:
+        image.close()
+        raise _too_large(path, limit, f" ({width}x{height} = {width * height} pixels)")
+    if image.mode not in RGB_CONVERTIBLE_MODES + SIXTEEN_BIT_MODES:
+        image.close()
+        raise SampleError(
+            f"image {path} has pixel mode {image.mode}, which has no defined RGB conversion: save it as 8-bit RGB",
+            kind="unsupported_media",
+        )
+    return image
+
+
+def _sixteen_bit_to_rgb(image: Image.Image, path: str | Path) -> Image.Image:
+    """16-bit grey -> 8-bit RGB, v -> round(v * 255 / 65535); PIL's own conversion clips at 255 (all white)."""
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise SampleError(
+            f"image {path} is a {image.mode} image with values outside 0..65535: save it as 8- or 16-bit",
+            kind="unsupported_media",
+        )
+    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+
+
+def to_rgb(image: Image.Image, path: str | Path = "<image>") -> Image.Image:
+    """Decoded pixels in RGB: HF's `convert("RGB")` for 8-bit modes, scaled 16-bit grey (see module doc)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_rgb(image, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "palette images with transparency ...": alpha is dropped
+        return image.convert("RGB")
+
+
+def load_image(path: str | Path, decode_max_pixels: int = DECODE_MAX_PIXELS) -> Image.Image:
+    """Decode to RGB; a missing, corrupt, oversized or unsupported file is a SampleError naming the path."""
+    with _open(path, decode_max_pixels) as image:
+        try:
+            image.load()
+        except _DECODE_ERRORS as exc:
+            raise SampleError(f"cannot decode image {path}: {exc}", kind="corrupt_media") from exc
+        return to_rgb(image, path)
+
+
+def image_size(path: str | Path, decode_max_pixels: int = DECODE_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) from the file header only, for token counting; refuses what `load_image` refuses
+    from the header (missing, unreadable, oversized, unsupported mode)."""
+    with _open(path, decode_max_pixels) as image:
+        width, height = image.size
     return height, width
 
 
@@ -165,7 +240,7 @@ def image_grid(height: int, width: int, settings: VisionSettings) -> np.ndarray:
 
 def preprocess_image(image: Image.Image, settings: VisionSettings) -> tuple[np.ndarray, np.ndarray]:
     """One image -> (patches, grid_thw)."""
-    frame = np.asarray(image.convert("RGB"))
+    frame = np.asarray(to_rgb(image))
     height, width = frame.shape[:2]
     resized_h, resized_w = smart_resize(height, width, settings.factor, settings.min_pixels, settings.max_pixels)
     pixels = normalize(resize_rgb(frame, resized_h, resized_w), settings)

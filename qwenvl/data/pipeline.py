@@ -27,11 +27,10 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, DataArguments, skip=("dataset_use", "eval_dataset_use", "dataset_registry", "data_flatten", "data_packing"))
 
 
-def vision_settings(model_path: str | Path, family: str, data_args: DataArguments) -> VisionSettings:
-    """Patch geometry from the model's preprocessor_config.json, pixel and video limits from the flags."""
-    return VisionSettings.from_preprocessor_config(
-        model_path,
-        family,
+def vision_settings(model_path: str | Path | None, family: str, data_args: DataArguments) -> VisionSettings:
+    """Patch geometry from the model's preprocessor_config.json (the family's defaults without a model),
+    pixel, video and decoding limits from the flags."""
+    limits = dict(
         min_pixels=data_args.min_pixels,
         max_pixels=data_args.max_pixels,
         video_min_frames=data_args.video_min_frames,
@@ -42,7 +41,11 @@ def vision_settings(model_path: str | Path, family: str, data_args: DataArgument
         video_max_pixels=data_args.video_max_pixels,
         video_fps=data_args.video_fps,
         base_interval=data_args.base_interval,
+        decode_max_pixels=data_args.decode_max_pixels,
     )
+    if model_path is None:
+        return VisionSettings.for_family(family, **limits)
+    return VisionSettings.from_preprocessor_config(model_path, family, **limits)
 
 
 def build_encoder(
@@ -54,12 +57,21 @@ def build_encoder(
     return SampleEncoder(tokenizer, settings, family, model_max_length, data_args.system_prompt)
 
 
-def build_dataset(
-    encoder: SampleEncoder, data_args: DataArguments, seed: int, names: str | None = None
-) -> SupervisedDataset:
-    """The training datasets (`dataset_use`), or `names` in the same syntax (evaluation sets)."""
+def dataset_configs(data_args: DataArguments, names: str | None = None) -> list[dict]:
+    """`dataset_use` (or `names`, same syntax) resolved through the built-in and the user's registry."""
     registry = load_registry_file(data_args.dataset_registry) if data_args.dataset_registry else None
-    records = load_records(data_list(data_args.dataset_use if names is None else names, registry), seed)
+    return data_list(data_args.dataset_use if names is None else names, registry)
+
+
+def build_dataset(
+    encoder: SampleEncoder, data_args: DataArguments, seed: int, names: str | None = None, skip_bad: bool = False
+) -> SupervisedDataset:
+    """The training datasets (`dataset_use`), or `names` in the same syntax (evaluation sets).
+
+    A malformed JSONL line stops here unless `skip_bad` (`--skip_bad_samples`): then it stays in the
+    dataset as a bad sample that training skips, counts and lists. A dataset selecting nothing stops here.
+    """
+    records = load_records(dataset_configs(data_args, names), seed, skip_bad)
     return SupervisedDataset(records, encoder)
 
 

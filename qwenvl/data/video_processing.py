@@ -11,12 +11,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from qwenvl.data.errors import SampleError
 from qwenvl.data.image_processing import VisionSettings, normalize, patchify, resize_rgb, smart_resize
+
+_DECORD_LOCATION = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")  # "[09:49:08] src/x.cc:292: " in decord messages
 
 
 @dataclass
@@ -46,30 +50,56 @@ class ProcessedVideo:
     timestamps: tuple[float, ...]
 
 
+def _decoder_message(exc: Exception) -> str:
+    """The first line of a decord error without its source location, or the error type when it is empty."""
+    lines = _DECORD_LOCATION.sub("", str(exc)).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _undecodable(path: str | Path, exc: Exception) -> SampleError:
+    """One wording whichever frame fails: decord's decoding thread meets a broken packet at a varying point."""
+    return SampleError(f"cannot decode video {path}: {_decoder_message(exc)}", kind="corrupt_media")
+
+
 def _open(path: str | Path):
-    """A decord reader; any failure becomes a ValueError naming the file (decord raises its own types)."""
+    """A decord reader; any failure becomes a SampleError naming the file (decord raises its own types)."""
     import decord
 
     if not Path(path).is_file():
-        raise ValueError(f"video file not found: {path}")
+        raise SampleError(f"video not found: {path}", kind="missing_media")
     try:
         return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     except Exception as exc:  # decord.DECORDError and RuntimeError, depending on the failure
-        raise ValueError(f"cannot open video {path}: {exc}") from exc
+        raise SampleError(f"cannot open video {path}: {_decoder_message(exc)}", kind="corrupt_media") from exc
 
 
 def _meta(reader, path: str | Path) -> VideoMeta:
-    """Frame count, fps and size; a first frame that does not decode is a ValueError naming the file."""
+    """Frame count, fps and size; no frame, or a first frame that does not decode, is a SampleError."""
+    if len(reader) == 0:
+        raise SampleError(f"video {path} has no frames", kind="corrupt_media")
     try:
         height, width = reader[0].shape[:2]
-        return VideoMeta(total_frames=len(reader), fps=float(reader.get_avg_fps()), height=height, width=width)
+        fps = float(reader.get_avg_fps())
     except Exception as exc:  # decord raises its own error types on truncated or corrupt files
-        raise ValueError(f"cannot decode the first frame of video {path}: {exc}") from exc
+        raise _undecodable(path, exc) from exc
+    if not fps > 0:
+        raise SampleError(f"video {path} has no valid frame rate ({fps})", kind="corrupt_media")
+    return VideoMeta(total_frames=len(reader), fps=fps, height=height, width=width)
 
 
-def read_video_meta(path: str | Path) -> VideoMeta:
-    """Frame count, fps and frame size (decodes at most one frame)."""
-    return _meta(_open(path), path)
+def _within_limit(meta: VideoMeta, path: str | Path, decode_max_pixels: int | None) -> VideoMeta:
+    if decode_max_pixels is not None and meta.height * meta.width > decode_max_pixels:
+        raise SampleError(
+            f"video {path} has {meta.width}x{meta.height} frames, over the decoding limit of {decode_max_pixels} "
+            "pixels: downscale the file, or raise --decode_max_pixels",
+            kind="too_large",
+        )
+    return meta
+
+
+def read_video_meta(path: str | Path, decode_max_pixels: int | None = None) -> VideoMeta:
+    """Frame count, fps and frame size (decodes at most one frame); frames over the decoding limit are refused."""
+    return _within_limit(_meta(_open(path), path), path, decode_max_pixels)
 
 
 def sample_frames_qwen25(meta: VideoMeta, settings: VisionSettings) -> np.ndarray:
@@ -96,12 +126,12 @@ def sample_frames(meta: VideoMeta, settings: VisionSettings) -> np.ndarray:
 def read_video(path: str | Path, settings: VisionSettings) -> VideoClip:
     """Decode only the sampled frames."""
     reader = _open(path)
-    meta = _meta(reader, path)
+    meta = _within_limit(_meta(reader, path), path, settings.decode_max_pixels)
     indices = sample_frames(meta, settings)
     try:
         frames = reader.get_batch(indices.tolist()).asnumpy()
-    except Exception as exc:  # a truncated file fails here, not at open
-        raise ValueError(f"cannot decode frames {indices.tolist()} of video {path}: {exc}") from exc
+    except Exception as exc:  # a truncated file fails here or at the first frame, depending on decord's threads
+        raise _undecodable(path, exc) from exc
     return VideoClip(frames=frames, indices=indices, meta=meta)
 
 

@@ -10,7 +10,8 @@ rebuilt and the finished steps are skipped without decoding anything.
 Decoding runs ahead of training: with `dataloader_num_workers=0` in one background thread, otherwise in
 that many spawned worker processes (images, videos and tokenisation are CPU work that threads would
 serialise on the GIL). Errors are delivered with the step they belong to, never earlier, so everything
-before a bad sample is trained (and checkpointed) first.
+before a bad sample is trained (and checkpointed) first. An empty dataset is refused at once, and an
+epoch in which every sample was bad stops with an error instead of training on placeholders forever.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numpy as np
 
 from qwenvl.constants import IGNORE_INDEX
 from qwenvl.data.dataset import EncodedSample
-from qwenvl.data.errors import SampleError
+from qwenvl.data.errors import DatasetError, SampleError, nothing_to_train
+from qwenvl.data.validation import init_worker, load_item, load_item_in_worker
 
 Batch = dict[str, "np.ndarray | None"]
 
@@ -82,26 +84,6 @@ def null_sample() -> EncodedSample:
     )
 
 
-_WORKER_DATASET = None
-
-
-def _init_worker(dataset) -> None:
-    global _WORKER_DATASET
-    _WORKER_DATASET = dataset
-
-
-def _load(dataset, index: int) -> tuple:
-    """("ok", sample) or ("bad", reason, file, index): a SampleError's location survives pickling."""
-    try:
-        return ("ok", dataset[index])
-    except SampleError as exc:
-        return ("bad", exc.reason, exc.file, exc.index if exc.index is not None else index)
-
-
-def _load_in_worker(index: int) -> tuple:
-    return _load(_WORKER_DATASET, index)
-
-
 def _run_now(fn: Callable, *args) -> Future:
     """Run in this thread, holding the result or the exception like a pool's future (order kept)."""
     future: Future = Future()
@@ -110,6 +92,23 @@ def _run_now(fn: Callable, *args) -> Future:
     except Exception as exc:
         future.set_exception(exc)
     return future
+
+
+class _EpochTally:
+    """Counts good and bad samples of each epoch seen from its first step; all bad is an error."""
+
+    def __init__(self, first_step: int) -> None:
+        self.whole = first_step == 0
+        self.good = self.bad = 0
+
+    def add(self, step: LoadedStep, steps_per_epoch: int) -> None:
+        self.good += step.n_samples
+        self.bad += len(step.bad)
+        if step.step_in_epoch + 1 < steps_per_epoch:
+            return
+        if self.whole and self.good == 0:
+            raise nothing_to_train(self.bad)
+        self.whole, self.good, self.bad = True, 0, 0
 
 
 class StepLoader:
@@ -133,6 +132,8 @@ class StepLoader:
         self.micro_batch, self.accumulation = micro_batch, accumulation
         self.num_workers = num_workers
         self.prefetch_steps = max(1, prefetch_steps)
+        if len(dataset) == 0:
+            raise DatasetError("the training dataset has no samples", kind="empty_dataset")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -150,11 +151,8 @@ class StepLoader:
         for micro in futures:
             good = []
             for future in micro:
-                result = future.result()
-                if result[0] == "ok":
-                    good.append(result[1])
-                else:
-                    bad.append(SampleError(*result[1:]))
+                item = future.result()
+                (bad if isinstance(item, SampleError) else good).append(item)
             n_samples += len(good)
             n_tokens += sum(sample.num_tokens for sample in good)
             micro_batches.append(self.collate(good or [null_sample()]))
@@ -165,16 +163,19 @@ class StepLoader:
         try:
             if self.num_workers > 0:
                 context = multiprocessing.get_context("spawn")
-                executor = ProcessPoolExecutor(self.num_workers, context, _init_worker, (self.dataset,))
-                submit = lambda i: executor.submit(_load_in_worker, int(i))  # noqa: E731
+                executor = ProcessPoolExecutor(self.num_workers, context, init_worker, (self.dataset,))
+                submit = lambda i: executor.submit(load_item_in_worker, int(i))  # noqa: E731
             else:
-                submit = lambda i: _run_now(_load, self.dataset, int(i))  # noqa: E731
+                submit = lambda i: _run_now(load_item, self.dataset, int(i))  # noqa: E731
             pending: list[tuple[int, int, list[list[Future]]]] = []
+            tally = _EpochTally(step_in_epoch)
             for e, s, micro in self._positions(epoch, step_in_epoch):
                 pending.append((e, s, [[submit(i) for i in indices] for indices in micro]))
                 if len(pending) < self.prefetch_steps:
                     continue
-                if not self._put(out, stop, self._assemble(*pending.pop(0))):
+                loaded = self._assemble(*pending.pop(0))
+                tally.add(loaded, self.steps_per_epoch)
+                if not self._put(out, stop, loaded):
                     return
         except BaseException as exc:  # delivered to the consumer, raised there
             self._put(out, stop, exc)

@@ -52,12 +52,24 @@ def configure_trainable(model, model_args, training_args) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and train in graph mode (`qwenvl.runtime`), restoring the caller's mode afterwards."""
-    from qwenvl.runtime import graph_mode, select_device
+    """Parse and validate flags, train in graph mode (`qwenvl.runtime`), restore the caller's mode afterwards.
 
-    model_args, data_args, training_args = parse_args(argv)
-    with graph_mode():
-        return _train(model_args, data_args, training_args, select_device())
+    A user error (bad flag, bad sample, bad dataset or registry, missing model folder) is one line on
+    stderr and exit code 2; any other exception is a bug and keeps its traceback.
+    """
+    from qwenvl.errors import UserError
+    from qwenvl.train.validation import validate_flags
+
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+        validate_flags(model_args, data_args, training_args)
+        from qwenvl.runtime import graph_mode, select_device
+
+        with graph_mode():
+            return _train(model_args, data_args, training_args, select_device())
+    except UserError as exc:
+        print(f"[train] error: {exc.one_line()}", file=sys.stderr)
+        return 2
 
 
 def _train(model_args, data_args, training_args, device: str) -> int:
@@ -73,7 +85,7 @@ def _train(model_args, data_args, training_args, device: str) -> int:
     seed_everything(training_args.seed)
     model_dir = Path(model_args.model_name_or_path)
     encoder = build_encoder(model_dir, data_args, training_args.model_max_length)
-    dataset = build_dataset(encoder, data_args, training_args.seed)
+    dataset = build_dataset(encoder, data_args, training_args.seed, skip_bad=training_args.skip_bad_samples)
     eval_dataset = (
         build_dataset(encoder, data_args, training_args.seed, names=data_args.eval_dataset_use)
         if data_args.eval_dataset_use
