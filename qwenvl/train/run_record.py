@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from qwenvl.data.processor_files import RUN_ARGS_FILE as RUN_ARGS_NAME
 from qwenvl.train.argument import FlagError
 from qwenvl.train.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -26,7 +27,6 @@ from qwenvl.train.checkpoint import (
     read_trainer_state,
 )
 
-RUN_ARGS_NAME = "args.json"
 # Flags that decide which sample each step sees and which learning rate it uses.
 ORDER_FLAGS = (
     "dataset_use", "data_packing", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
