@@ -46,6 +46,8 @@ def run_args(*arg_groups, world_size: int) -> dict[str, Any]:
     record: dict[str, Any] = {}
     for group in arg_groups:
         record.update(asdict(group))
+    if isinstance(record.get("lr_scheduler_kwargs"), str):  # JSON text: compared by value, not by spelling
+        record["lr_scheduler_kwargs"] = json.loads(record["lr_scheduler_kwargs"])
     record["world_size"] = world_size
     return record
 
