@@ -29,7 +29,8 @@ read -r -a msrun_args <<< "${MSRUN_ARGS:-}"
 if ! command -v msrun >/dev/null 2>&1; then
   venv="${QWENVL_VENV:-$HOME/.venvs/qwenvl-ms}"
   if [[ ! -x "$venv/bin/msrun" ]]; then
-    echo "[launch] error: msrun not found on PATH nor in $venv/bin: run 'bash $root/scripts/install.sh' (or activate the environment that has MindSpore)" >&2
+    echo "[launch] error: msrun not found on PATH nor in $venv/bin: run 'bash $root/scripts/install.sh'" \
+      "(or activate the environment that has MindSpore)" >&2
     exit 127
   fi
   export PATH="$venv/bin:$PATH"  # msrun starts its workers with the `python` found on PATH

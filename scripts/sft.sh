@@ -17,8 +17,10 @@ here="$(dirname "${BASH_SOURCE[0]}")"
 DATASETS="${DATASETS:-demo_images}"
 OUTPUT_DIR="${OUTPUT_DIR:-./output/$(basename "$MODEL_PATH")}"
 BATCH="${BATCH:-4}"
+device="${QWENVL_DEVICE:-}"
+if [[ -z "$device" ]] && compgen -G "/dev/davinci[0-9]*" >/dev/null; then device=Ascend; fi  # Ascend card devices
 if [[ -z "${DTYPE:-}" ]]; then
-  if [[ "${QWENVL_DEVICE:-}" == "Ascend" ]] || { [[ -z "${QWENVL_DEVICE:-}" ]] && compgen -G "/dev/davinci[0-9]*" >/dev/null; }; then
+  if [[ "$device" == "Ascend" ]]; then
     DTYPE=bf16
   else
     DTYPE=fp32

@@ -106,13 +106,16 @@ def test_evaluate_cli_scores_and_counts_unreadable_samples(tiny, tmp_path, capsy
     assert "missing.png" in capsys.readouterr().err
 
 
+SMALL_PIXELS = VisionSettings.for_family("qwen2.5vl", max_pixels=3136, min_pixels=784)
+
+
 @pytest.fixture(scope="module")
 def small_pixels_model(tiny, tmp_path_factory) -> Path:
     """The tiny model as a run trained with --max_pixels 3136 --min_pixels 784 leaves it: processor files (and
     qwenvl_vision.json) recording those limits."""
     out = tmp_path_factory.mktemp("small_pixels")
     shutil.copytree(tiny, out, dirs_exist_ok=True)
-    write_processor_files(out, VisionSettings.for_family("qwen2.5vl", max_pixels=3136, min_pixels=784), tokenizer_dir=tiny)
+    write_processor_files(out, SMALL_PIXELS, tokenizer_dir=tiny)
     return out
 
 
@@ -190,7 +193,7 @@ def lora_run(tiny, tmp_path_factory) -> Path:
     model = load_model(tiny)
     apply_lora(model, LoraSettings(4, 8.0, 0.0, ("q_proj", "v_proj"), False))
     save_adapter(model, out, str(tiny.resolve()))
-    write_processor_files(out, VisionSettings.for_family("qwen2.5vl", max_pixels=3136, min_pixels=784), tokenizer_dir=tiny)
+    write_processor_files(out, SMALL_PIXELS, tokenizer_dir=tiny)
     return out
 
 
@@ -206,7 +209,8 @@ def test_evaluate_an_adapter_writes_into_the_adapter_folder(tiny, lora_run, tmp_
 @pytest.mark.slow
 def test_a_lora_run_folder_as_model_reads_its_base(tiny, lora_run, tmp_path, capsys):
     (lora_run / "eval_results.json").unlink(missing_ok=True)
-    assert evaluate.main(["--model", str(lora_run), "--dataset_use", str(_test_set(tmp_path)), "--max_new_tokens", "1"]) == 0
+    test_set = _test_set(tmp_path)
+    assert evaluate.main(["--model", str(lora_run), "--dataset_use", str(test_set), "--max_new_tokens", "1"]) == 0
     results = json.loads((lora_run / "eval_results.json").read_text())
     assert results["settings"]["model"] == str(tiny.resolve()) and results["settings"]["adapter"] == str(lora_run)
     assert infer.main(["--model", str(lora_run), "--image", str(DEMO / "images/red_circle_0.png"),
@@ -218,7 +222,8 @@ def test_a_lora_folder_whose_base_is_not_here_asks_for_base(lora_run, tmp_path, 
     moved = tmp_path / "adapter"
     shutil.copytree(lora_run, moved)
     config = json.loads((moved / "adapter_config.json").read_text())
-    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "Qwen/Qwen2.5-VL-3B-Instruct"}))
+    config["base_model_name_or_path"] = "Qwen/Qwen2.5-VL-3B-Instruct"
+    (moved / "adapter_config.json").write_text(json.dumps(config))
     assert evaluate.main(["--model", str(moved), "--dataset_use", str(_test_set(tmp_path))]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass --base BASE_MODEL_DIR" in err and "Qwen/Qwen2.5-VL-3B-Instruct" in err

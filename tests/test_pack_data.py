@@ -132,12 +132,15 @@ def test_a_pack_file_trains_with_data_packing(tiny_model_factory, tmp_path):
 
     tiny = tiny_model_factory("qwen2.5vl")
     demo = Path(__file__).resolve().parents[1] / "demo"
+    annotation = tmp_path / "demo_images.json"  # a copy: the count cache goes beside it, not into the checkout
+    annotation.write_text((demo / "demo_images.json").read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "packs" / "demo_pack.json"
     out.parent.mkdir()
-    assert pack_data.main(["--annotation_path", str(demo / "demo_images.json"), "--model_path", str(tiny),
+    assert pack_data.main(["--annotation_path", str(annotation), "--data_path", str(demo), "--model_path", str(tiny),
                            "--pack_length", "256", "--output", str(out)]) == 0  # fmt: skip
     assert main(["--model_name_or_path", str(tiny), "--dataset_use", str(out), "--data_packing", "True",
                  "--tune_mm_mlp", "True", "--max_steps", "2", "--per_device_train_batch_size", "1",
-                 "--output_dir", str(tmp_path / "run"), "--save_strategy", "no", "--disable_tqdm", "True"]) == 0  # fmt: skip
+                 "--output_dir", str(tmp_path / "run"), "--save_strategy", "no",
+                 "--disable_tqdm", "True"]) == 0  # fmt: skip
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["tokens"] > 0

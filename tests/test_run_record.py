@@ -37,7 +37,8 @@ def test_changed_flags_are_named_saved_to_now(tmp_path):
     checkpoint = _checkpoint(tmp_path / "c", _record("--learning_rate", "1e-3"))
     now = _record("--learning_rate", "2e-3", "--dataset_use", "b", "--seed", "7", world_size=2)
     assert resume_conflicts(checkpoint, now, 12, 12) == [
-        "--dataset_use a%50 -> b", "--seed 42 -> 7", "--world_size 1 -> 2", "--learning_rate 0.001 -> 0.002"]  # fmt: skip
+        "--dataset_use a%50 -> b", "--seed 42 -> 7", "--world_size 1 -> 2",
+        "--learning_rate 0.001 -> 0.002"]  # fmt: skip
 
 
 def test_checkpoints_without_args_json_are_compared_by_data_position_and_schedule(tmp_path):
@@ -60,4 +61,5 @@ def test_overwrite_clears_the_previous_run_but_not_other_files(tmp_path):
 
 def test_json_safe_turns_undefined_numbers_into_null():
     value = {"a": math.nan, "b": [1.0, math.inf, {"c": -math.inf}], "d": "nan", "e": 2}
-    assert json.dumps(json_safe(value), allow_nan=False) == '{"a": null, "b": [1.0, null, {"c": null}], "d": "nan", "e": 2}'
+    expected = '{"a": null, "b": [1.0, null, {"c": null}], "d": "nan", "e": 2}'
+    assert json.dumps(json_safe(value), allow_nan=False) == expected

@@ -14,7 +14,8 @@ from qwenvl.train.argument import parse_args
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_SCRIPTS = sorted((ROOT / "scripts").glob("sft_qwen*.sh"))
 TRAIN_SCRIPT = str(ROOT / "qwenvl/train/train_qwen.py")
-FAKE_MSRUN = '#!/usr/bin/env bash\nprintf "%s\\n" "$@"\necho "$PWD" > "$MSRUN_RECORD/cwd"\necho "$PATH" > "$MSRUN_RECORD/path"\n'
+FAKE_MSRUN = ('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n'
+              'echo "$PWD" > "$MSRUN_RECORD/cwd"\necho "$PATH" > "$MSRUN_RECORD/path"\n')
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -74,20 +75,22 @@ def test_single_node_defaults_and_extra_flags_win(tmp_path):
 def test_lr_batch_accum_from_the_environment_are_used(script, tmp_path):
     argv = _launch(script, tmp_path, LR="3e-4", BATCH="3", ACCUM="5", DATASETS="a%50,b", OUTPUT_DIR="out/x")
     model_args, data, training = parse_args(_train_flags(argv))
-    assert (training.learning_rate, training.per_device_train_batch_size, training.gradient_accumulation_steps) == (3e-4, 3, 5)
+    assert training.learning_rate == 3e-4 and training.per_device_train_batch_size == 3
+    assert training.gradient_accumulation_steps == 5
     assert training.per_device_eval_batch_size == 6 and data.dataset_use == "a%50,b" and training.output_dir == "out/x"
 
 
 def test_relative_paths_are_the_callers_and_msrun_flags_pass_through(tmp_path):
     caller = tmp_path / "work"
     caller.mkdir()
+    msrun_args = ["--cluster_time_out", "600", "--bind_core", "True", "--tail_worker_log", "0"]
     argv = _run(ROOT / "scripts" / "sft_qwen2.5vl_3b.sh", tmp_path, cwd=caller, MODEL_PATH="models/m",
-                MSRUN_ARGS="--cluster_time_out 600 --bind_core True --tail_worker_log 0").stdout.splitlines()  # fmt: skip
+                MSRUN_ARGS=" ".join(msrun_args)).stdout.splitlines()
     assert (tmp_path / "cwd").read_text().strip() == str(caller)  # msrun and its workers start where the user is
     model_args, _, training = parse_args(_train_flags(argv))
     assert model_args.model_name_or_path == "models/m" and training.output_dir == "./output/m"
     script_at = argv.index(TRAIN_SCRIPT)
-    assert argv[script_at - 6 : script_at] == ["--cluster_time_out", "600", "--bind_core", "True", "--tail_worker_log", "0"]
+    assert argv[script_at - 6 : script_at] == msrun_args
 
 
 def test_msrun_is_found_in_the_project_venv_when_not_on_path(tmp_path):
@@ -100,13 +103,16 @@ def test_msrun_is_found_in_the_project_venv_when_not_on_path(tmp_path):
     assert (tmp_path / "path").read_text().startswith(f"{venv}/bin:")  # the venv's python runs the workers
     missing = _run(ROOT / "scripts" / "launch_msrun.sh", tmp_path, path=SYSTEM_PATH, QWENVL_VENV=str(tmp_path / "none"))
     assert missing.returncode == 127 and missing.stdout == ""
-    assert missing.stderr.startswith("[launch] error: msrun not found on PATH nor in ") and "install.sh" in missing.stderr
+    assert missing.stderr.startswith("[launch] error: msrun not found on PATH nor in ")
+    assert "install.sh" in missing.stderr
 
 
-@pytest.mark.parametrize("env, flag, message", [({"QWENVL_DEVICE": "CPU"}, None, "no Ascend device: training in float32"),
-                                                ({"QWENVL_DEVICE": "CPU", "DTYPE": "fp16"}, "fp16", ""),
-                                                ({"QWENVL_DEVICE": "Ascend"}, "bf16", ""),
-                                                ({"DTYPE": "fp32"}, None, "")])  # fmt: skip
+@pytest.mark.parametrize("env, flag, message", [
+    ({"QWENVL_DEVICE": "CPU"}, None, "no Ascend device: training in float32"),
+    ({"QWENVL_DEVICE": "CPU", "DTYPE": "fp16"}, "fp16", ""),
+    ({"QWENVL_DEVICE": "Ascend"}, "bf16", ""),
+    ({"DTYPE": "fp32"}, None, ""),
+])  # fmt: skip
 def test_compute_dtype_follows_the_device_or_dtype(tmp_path, env, flag, message):
     proc = _run(ROOT / "scripts" / "sft_qwen2.5vl_7b.sh", tmp_path, **env)
     assert proc.returncode == 0, proc.stderr

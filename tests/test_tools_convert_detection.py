@@ -148,7 +148,8 @@ def test_registry_written_beside_the_output_and_merged(coco, tmp_path, capsys):
         assert convert_detection.main(["--annotations", str(coco), "--family", "qwen3vl",
                                        "--output", str(out_dir / f"{name}.json")]) == 1  # fmt: skip
     registry = json.loads((out_dir / "registry.json").read_text())
-    assert registry == {name: {"annotation_path": f"{name}.json", "data_path": ".."} for name in ("det_train", "det_val")}
+    names = ("det_train", "det_val")
+    assert registry == {name: {"annotation_path": f"{name}.json", "data_path": ".."} for name in names}
     records = load_records(data_list("det_val", load_registry_file(out_dir / "registry.json")), 0)
     images = [image for record in records for sample in parse_record(record) for image in sample.images]
     assert len(images) == 2 and all(Path(image).is_file() for image in images if "big" not in image)

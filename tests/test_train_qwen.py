@@ -163,8 +163,8 @@ def test_finishing_a_run_whose_final_save_was_lost_writes_valid_json(runs, tmp_p
     summary = _strict_json(out / "train_summary.json")
     assert summary["first_loss"] is None and summary["last_loss"] is None and summary["steps"] == 6
     assert summary["resumed_from"] == str(out / "checkpoint-6")
-    np.testing.assert_array_equal(load_file(str(out / "model.safetensors"))["lm_head.weight"],
-                                  load_file(str(out / "checkpoint-6" / "model.safetensors"))["lm_head.weight"])  # fmt: skip
+    final, last = (load_file(str(folder / "model.safetensors")) for folder in (out, out / "checkpoint-6"))
+    np.testing.assert_array_equal(final["lm_head.weight"], last["lm_head.weight"])
 
 
 def test_rerun_with_other_order_or_schedule_flags_is_an_error_naming_them(runs, tmp_path, capsys):

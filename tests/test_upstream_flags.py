@@ -60,15 +60,17 @@ def test_flags_of_public_sft_scripts_parse_apply_or_say_why():
             "--evaluation_strategy", "steps", "--logging_dir", "./logs", "--torch_compile", "False",
             "--dataloader_pin_memory", "True", "--dataloader_drop_last", "True", "--group_by_modality_length", "True",
             "--data_group", "True", "--lr_scheduler_type", "cosine_with_min_lr",
-            "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}', "--report_to", "wandb", "--per_gpu_train_batch_size", "3"]  # fmt: skip
+            "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}', "--report_to", "wandb",
+            "--per_gpu_train_batch_size", "3"]  # fmt: skip
     _, _, training, notes = parse_args_with_notes(argv)
     assert training.eval_strategy == "steps" and training.per_device_train_batch_size == 3
-    assert training.lr_scheduler_type == "cosine_with_min_lr" and json.loads(training.lr_scheduler_kwargs) == {"min_lr_rate": 0.1}
+    assert training.lr_scheduler_type == "cosine_with_min_lr"
+    assert json.loads(training.lr_scheduler_kwargs) == {"min_lr_rate": 0.1}
     assert training.report_to == "none"
     ignored = {note.split()[0] for note in notes}
-    assert ignored == {"--tf32", "--ddp_find_unused_parameters", "--save_only_model", "--logging_dir", "--torch_compile",
-                       "--dataloader_pin_memory", "--dataloader_drop_last", "--group_by_modality_length",
-                       "--data_group", "--report_to"}  # fmt: skip
+    assert ignored == {"--tf32", "--ddp_find_unused_parameters", "--save_only_model", "--logging_dir",
+                       "--torch_compile", "--dataloader_pin_memory", "--dataloader_drop_last",
+                       "--group_by_modality_length", "--data_group", "--report_to"}  # fmt: skip
     assert "(see issue 11)" in next(n for n in notes if n.startswith("--group_by_modality_length"))
     assert any(n.startswith("--report_to wandb ignored: ") for n in notes)
     assert parse_args_with_notes(["--report_to", "wandb,tensorboard"])[2].report_to == "tensorboard"
@@ -78,20 +80,23 @@ def test_flags_of_public_sft_scripts_parse_apply_or_say_why():
 def test_not_applicable_flags_are_reported_once_at_start(tmp_path, tiny_model_factory, capsys):
     """The notes come before anything else, once (the dry run stops before saving anything)."""
     tiny = tiny_model_factory("qwen2.5vl")
-    code = main(["--model_name_or_path", str(tiny), "--dataset_use", "demo_images%10", "--output_dir", str(tmp_path / "o"),
-                 "--max_steps", "1", "--dry_run", "--tf32", "True", "--report_to", "wandb", "--disable_tqdm", "True",
-                 "--per_device_train_batch_size", "1", "--tune_mm_mlp", "True"])  # fmt: skip
+    code = main(["--model_name_or_path", str(tiny), "--dataset_use", "demo_images%10",
+                 "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--dry_run", "--tf32", "True",
+                 "--report_to", "wandb", "--disable_tqdm", "True", "--per_device_train_batch_size", "1",
+                 "--tune_mm_mlp", "True"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("[train] --tf32 ignored: ") and lines[1].startswith("[train] --report_to wandb ignored: ")
+    assert lines[0].startswith("[train] --tf32 ignored: ")
+    assert lines[1].startswith("[train] --report_to wandb ignored: ")
     assert out.count("--tf32 ignored") == 1
 
 
 def test_model_name_or_path_is_required_and_must_be_a_local_model_folder(tmp_path, capsys):
     assert main(["--dataset_use", "demo_images"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "[train] error: --model_name_or_path is required: a local model folder (config.json, safetensors, tokenizer)"
+    assert err == ("[train] error: --model_name_or_path is required: a local model folder "
+                   "(config.json, safetensors, tokenizer)")
     assert main(["--model_name_or_path", "Qwen/Qwen2.5-VL-3B-Instruct", "--dataset_use", "demo_images"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "not a model folder (no config.json)" in err
@@ -109,7 +114,8 @@ def test_bf16_on_cpu_names_the_command_line_fix(tmp_path, capsys):
                                              ('{"power": 2}', "power not used by")])  # fmt: skip
 def test_bad_scheduler_options_are_one_line_errors(tmp_path, capsys, kwargs, message):
     (tmp_path / "config.json").write_text("{}", encoding="utf-8")
-    argv = ["--model_name_or_path", str(tmp_path), "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", kwargs]
+    argv = ["--model_name_or_path", str(tmp_path), "--lr_scheduler_type", "cosine_with_min_lr",
+            "--lr_scheduler_kwargs", kwargs]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err

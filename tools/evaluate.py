@@ -5,8 +5,9 @@
 
 The model is asked with the data settings it was trained with (pixel limits, video rules, system prompt
 from its args.json / processor files); a flag given here overrides one. For each sample the model
-answers the conversation up to its last assistant turn, which is the reference. Short answers (classification) are scored by exact match after normalisation (case, outer
-whitespace and final punctuation), reported as accuracy overall and per reference class. Grounding
+answers the conversation up to its last assistant turn, which is the reference. Short answers
+(classification) are scored by exact match after normalisation (case, outer whitespace and final
+punctuation), reported as accuracy overall and per reference class. Grounding
 answers (`bbox_2d` JSON or Qwen2-VL box tokens, in the model's own coordinate convention) are scored per
 reference box with one-to-one IoU matching: mean IoU, median IoU, detection rate (a box matched with
 IoU > 0), and the share with IoU > 0.5 and > 0.7. `--task auto` picks grounding when a reference holds
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output) if args.output else source.trained / "eval_results.json"
     settings = {"model": str(source.base), "adapter": str(source.adapter) if source.adapter else None,
                 "max_new_tokens": args.max_new_tokens, **asdict(data_args)}  # fmt: skip
-    output.write_text(json.dumps({"task": task, "metrics": metrics, "settings": settings, "problems": problems,
-                                  "predictions": predictions}, indent=2, ensure_ascii=False), encoding="utf-8")  # fmt: skip
+    results = {"task": task, "metrics": metrics, "settings": settings, "problems": problems, "predictions": predictions}
+    output.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"\n{'metric':<24}{'value':>12}")
     for key, value in metrics.items():
         if isinstance(value, dict):

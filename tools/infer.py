@@ -21,7 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwenvl.infer.model_source import ModelSourceError, add_model_data_flags, model_data_args, resolve_model  # noqa: E402
+from qwenvl.infer.model_source import (  # noqa: E402
+    ModelSourceError,
+    add_model_data_flags,
+    model_data_args,
+    resolve_model,
+)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

@@ -76,7 +76,8 @@ def _from_hf_configs(folder: Path, family: str) -> dict:
         low, high = _edges(config)
         if family == "qwen3vl":  # per-clip bounds and HF's frame sampling
             keys = {"video_min_pixels": low, "video_max_pixels": high, "video_fps": config.get("fps"),
-                    "video_min_frames": config.get("min_frames"), "video_max_frames": config.get("max_frames")}  # fmt: skip
+                    "video_min_frames": config.get("min_frames"),
+                    "video_max_frames": config.get("max_frames")}  # fmt: skip
         else:  # per-frame bounds; frames follow the 2.5-era rule (qwenvl_vision.json records ours)
             keys = {"video_min_frame_pixels": low, "video_max_frame_pixels": high}
         found.update({k: v for k, v in keys.items() if v is not None})

@@ -79,7 +79,7 @@ def add_model_data_flags(parser: argparse.ArgumentParser) -> None:
 def model_data_args(source: ModelSource, namespace: argparse.Namespace) -> tuple[DataArguments, str]:
     """DataArguments from the flags given, else the folder's records, else the defaults; and a line saying so."""
     recorded, files = recorded_data_settings(source.trained, model_family(source.base))
-    given = {f.name: getattr(namespace, f.name) for f in fields(DataArguments) if getattr(namespace, f.name, None) is not None}
+    given = {f.name: v for f in fields(DataArguments) if (v := getattr(namespace, f.name, None)) is not None}
     data_args = DataArguments(**{**recorded, **given})
     limits = f"min_pixels {data_args.min_pixels}, max_pixels {data_args.max_pixels}"
     where = f"{source.trained} ({', '.join(files)})" if files else "the training defaults (the folder records none)"

@@ -39,7 +39,7 @@ class ModelArguments:
 @dataclass
 class TrainingArguments:
     output_dir: str = _flag("output", "where checkpoints, logs and the final model go")
-    overwrite_output_dir: bool = _flag(False, "start afresh: delete output_dir's checkpoints and logs instead of resuming")
+    overwrite_output_dir: bool = _flag(False, "start afresh: delete output_dir's checkpoints and logs, no resume")
     cache_dir: str | None = _flag(None, "unused: models load from local folders only")
     optim: str = _flag("adamw_mindspore", "optimizer; adamw_torch is an alias of adamw_mindspore", choices=OPTIMIZERS)
     model_max_length: int = _flag(512, "per-sample token limit (text tails are cut, vision blocks never)")
@@ -106,7 +106,8 @@ _EVAL_METRICS = "evaluation during training computes loss and perplexity; genera
 _BEST = "no best-model tracking: output_dir holds the final weights, eval losses are in train_log.jsonl"
 _BUCKETING = "mapped to our length bucketing (see issue 11); until then samples follow the seeded shuffle"
 _LOG_LEVELS = "the main rank prints; every rank's output is in msrun's worker logs"
-_TRACKERS = "no tracker integrations: metrics go to output_dir/train_log.jsonl (and TensorBoard with --report_to tensorboard)"
+_TRACKERS = ("no tracker integrations: metrics go to output_dir/train_log.jsonl (and TensorBoard with "
+             "--report_to tensorboard)")
 
 # Every other flag of HF TrainingArguments (transformers 4.57) and of scripts derived from upstream's sft.sh:
 # accepted, not applied here, and why. `ignored_flag_notes` reports the ones a command line sets.

@@ -100,7 +100,8 @@ def resume_conflicts(checkpoint: Path, current: dict[str, Any], total_steps: int
     data = read_trainer_state(checkpoint).data
     position = {"seed": data.seed, "world_size": data.world_size, "per_device_train_batch_size": data.micro_batch_size,
                 "gradient_accumulation_steps": data.accumulation_steps}  # fmt: skip
-    conflicts += [f"--{k} {v} -> {current.get(k)}" for k, v in position.items() if v != current.get(k) and k not in named]
+    conflicts += [f"--{k} {v} -> {current.get(k)}" for k, v in position.items()
+                  if v != current.get(k) and k not in named]  # fmt: skip
     if data.dataset_size != dataset_size:
         conflicts.append(f"training samples {data.dataset_size} -> {dataset_size} (the data changed)")
     scheduler = Path(checkpoint) / SCHEDULER_NAME

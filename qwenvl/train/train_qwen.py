@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     model_args, data_args, training_args, notes = parse_args_with_notes(argv)
     try:
         check_model_folder(model_args.model_name_or_path)
-        schedule_options(training_args.lr_scheduler_type, training_args.lr_scheduler_kwargs, training_args.learning_rate)
+        schedule_options(training_args.lr_scheduler_type, training_args.lr_scheduler_kwargs,
+                         training_args.learning_rate)
         if training_args.use_cpu:
             os.environ["QWENVL_DEVICE"] = "CPU"
         with graph_mode():

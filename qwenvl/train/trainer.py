@@ -35,6 +35,7 @@ from qwenvl.train.checkpoint import (
     save_arrays,
     write_checkpoint,
 )
+from qwenvl.train.argument import FlagError
 from qwenvl.train.data_loader import StepLoader, null_sample, total_steps
 from qwenvl.train.distributed import DataParallel
 from qwenvl.train.optimizer import ZeRO1AdamW, build_optimizer
@@ -188,7 +189,7 @@ class Trainer:
         if args.resume_from_checkpoint:
             path = Path(args.resume_from_checkpoint)
             if not (path / "trainer_state.json").is_file():
-                raise ValueError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
+                raise FlagError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
         else:
             path = latest_checkpoint(self.output_dir)
         if path is not None:
