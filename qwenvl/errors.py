@@ -16,3 +16,7 @@ class UserError(ValueError):
         """The message with the hint, whitespace (newlines of decoder messages included) collapsed."""
         text = " ".join(str(self).split())
         return f"{text} ({self.hint})" if self.hint else text
+
+
+class FlagError(UserError):
+    """A flag value that cannot work; the message names the flag, the value and what is allowed."""

@@ -105,3 +105,42 @@ def test_oversize_policies(annotation, processor_dir_factory, capsys):
     assert _run(annotation, model_dir, "--pack_length", "40", "--oversize", "drop") == 0
     assert "dropped" in capsys.readouterr().out
     assert _run(annotation, model_dir, "--pack_length", "40", "--oversize", "error") == 2
+
+
+def test_pack_file_elsewhere_finds_the_media(annotation, processor_dir_factory, tmp_path):
+    """Annotation and images in one folder, the pack written to another: the pack file alone, given to
+    --dataset_use as a path (media relative to its own folder), encodes every sample."""
+    model_dir = processor_dir_factory("qwen2.5vl")
+    moved = tmp_path / "elsewhere" / "train.json"
+    moved.parent.mkdir()
+    moved.write_text(annotation.read_text(), encoding="utf-8")  # media stay in annotation.parent
+    out = tmp_path / "packs" / "train_pack.json"
+    out.parent.mkdir()
+    assert _run(moved, model_dir, "--data_path", str(annotation.parent), "--output", str(out)) == 0
+    images = [s["image"] for pack in json.loads(out.read_text()) for s in pack if "image" in s]
+    assert sorted(images) == [f"../im{i}.png" for i in range(4)]
+    from qwenvl.data import data_list
+
+    dataset = SupervisedDataset(load_records(data_list(str(out)), 0), build_encoder(model_dir, DataArguments()))
+    assert sum(len(dataset[i].seq_lens) for i in range(len(dataset))) == 5
+
+
+@pytest.mark.slow
+def test_a_pack_file_trains_with_data_packing(tiny_model_factory, tmp_path):
+    """The tool chain: pack the demo images into a folder of its own, then train on the pack file as a path."""
+    from qwenvl.train.train_qwen import main
+
+    tiny = tiny_model_factory("qwen2.5vl")
+    demo = Path(__file__).resolve().parents[1] / "demo"
+    annotation = tmp_path / "demo_images.json"  # a copy: the count cache goes beside it, not into the checkout
+    annotation.write_text((demo / "demo_images.json").read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "packs" / "demo_pack.json"
+    out.parent.mkdir()
+    assert pack_data.main(["--annotation_path", str(annotation), "--data_path", str(demo), "--model_path", str(tiny),
+                           "--pack_length", "256", "--output", str(out)]) == 0  # fmt: skip
+    assert main(["--model_name_or_path", str(tiny), "--dataset_use", str(out), "--data_packing", "True",
+                 "--tune_mm_mlp", "True", "--max_steps", "2", "--per_device_train_batch_size", "1",
+                 "--output_dir", str(tmp_path / "run"), "--save_strategy", "no",
+                 "--disable_tqdm", "True"]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["tokens"] > 0

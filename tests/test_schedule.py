@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from qwenvl.train.schedule import lr_factor, warmup_steps
+from qwenvl.train.schedule import lr_factor, schedule_options, warmup_steps
 
 
 def test_warmup_steps_rule():
@@ -38,3 +38,21 @@ def test_constant_kinds():
 def test_unknown_kind():
     with pytest.raises(ValueError, match="cosine"):
         lr_factor("polynomial", 0, 5, 0)
+
+
+def test_cosine_with_min_lr_hand_values():
+    """HF's cosine_with_min_lr: cosine between 1 and min_lr_rate after warmup (total 10, warmup 2, rate 0.1)."""
+    options = schedule_options("cosine_with_min_lr", '{"min_lr_rate": 0.1}', 1e-3)
+    assert options == {"min_lr_rate": 0.1}
+    assert lr_factor("cosine_with_min_lr", 1, 10, 2, **options) == 0.5  # warmup as usual
+    assert lr_factor("cosine_with_min_lr", 2, 10, 2, **options) == pytest.approx(1.0)
+    assert lr_factor("cosine_with_min_lr", 6, 10, 2, **options) == pytest.approx(0.5 * 0.9 + 0.1)
+    assert lr_factor("cosine_with_min_lr", 10, 10, 2, **options) == pytest.approx(0.1)
+    # min_lr is absolute: divided by the base learning rate
+    assert schedule_options("cosine_with_min_lr", {"min_lr": 1e-4}, 1e-3)["min_lr_rate"] == pytest.approx(0.1)
+
+
+def test_cosine_num_cycles():
+    # num_cycles 1: a full cosine wave, back to 1 at the end (HF's formula)
+    assert lr_factor("cosine", 10, 10, 0, **schedule_options("cosine", '{"num_cycles": 1}', 1.0)) == pytest.approx(1.0)
+    assert lr_factor("cosine", 5, 10, 0, **schedule_options("cosine", '{"num_cycles": 1}', 1.0)) == pytest.approx(0.0)

@@ -134,3 +134,23 @@ def test_bad_annotation_files_exit_2(tmp_path, capsys, content, message):
     assert convert_detection.main(["--annotations", str(path), "--family", "qwen2vl"]) == 2
     assert message in capsys.readouterr().err
 
+
+
+def test_registry_written_beside_the_output_and_merged(coco, tmp_path, capsys):
+    """Like convert_imagefolder: a registry entry named after the output, data_path relative to the registry,
+    so `--dataset_registry <dir>/registry.json --dataset_use <name>` finds every image; a second conversion into
+    the same folder adds its entry."""
+    from qwenvl.data import data_list, load_registry_file
+    from qwenvl.data.annotations import load_records, parse_record
+
+    out_dir = tmp_path / "converted"
+    for name in ("det_train", "det_val"):
+        assert convert_detection.main(["--annotations", str(coco), "--family", "qwen3vl",
+                                       "--output", str(out_dir / f"{name}.json")]) == 1  # fmt: skip
+    registry = json.loads((out_dir / "registry.json").read_text())
+    names = ("det_train", "det_val")
+    assert registry == {name: {"annotation_path": f"{name}.json", "data_path": ".."} for name in names}
+    records = load_records(data_list("det_val", load_registry_file(out_dir / "registry.json")), 0)
+    images = [image for record in records for sample in parse_record(record) for image in sample.images]
+    assert len(images) == 2 and all(Path(image).is_file() for image in images if "big" not in image)
+    assert f"registry {out_dir / 'registry.json'}: det_val" in capsys.readouterr().out

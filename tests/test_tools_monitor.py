@@ -121,3 +121,29 @@ def test_empty_and_missing_output_dir(tmp_path, capsys):
     assert monitor.main(["--output_dir", str(tmp_path / "nowhere")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
+
+
+def _groups_run(tmp_path: Path) -> Path:
+    """Two parameter groups with the same LR all along (decay and no-decay halves of one group), warmup from 0."""
+    records = []
+    for step in range(1, 41):
+        lr = 1e-3 * min(step - 1, 4) / 4 * (1 - step / 41)
+        records.append({"step": step, "loss": 2.0 - step / 40, "lr": {"base_decay": lr, "base_no_decay": lr}})
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path
+
+
+def test_lr_axis_starts_at_zero_for_non_negative_values():
+    low, high = monitor.axis_range([0.0, 5e-4, 1e-3])
+    assert low == 0.0 and high > 1e-3
+    assert min(monitor._ticks(low, high)) == 0.0
+    assert monitor.axis_range([-1.0, 1.0])[0] < -1.0  # negative data keeps its margin
+
+
+def test_every_lr_group_stays_visible_when_groups_coincide(tmp_path):
+    run = _groups_run(tmp_path)
+    assert monitor.main(["--output_dir", str(run), "--plot_size", "800x600"]) == 0
+    pixels = np.asarray(Image.open(run / "loss.png").convert("RGB"))
+    lr_panel = pixels[int(600 * 0.6) :, 70:500]  # the LR panel's curves, left of its legend
+    for colour in monitor.GROUP_COLORS[:2]:
+        assert (lr_panel == colour).all(axis=2).sum() > 100, colour

@@ -3,6 +3,7 @@ fresh process load to equal logits, and resume equal to an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -82,8 +83,6 @@ def test_checkpoint_is_a_transformers_checkpoint_with_equal_logits(runs, tmp_pat
 
 
 def test_output_folder_has_processor_files_with_training_limits(runs):
-    import json
-
     out = runs["full"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "train_summary.json"):
         assert (out / name).is_file(), name
@@ -119,3 +118,82 @@ def test_two_msrun_workers_equal_one_process_with_accumulation(tiny_model_factor
     for name in one:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-5, err_msg=name)
     assert "x2;" in (tmp_path / "logs" / "worker_0.log").read_text()
+
+
+def _strict_json(path: Path):
+    """json.loads that refuses the bare NaN/Infinity Python writes but JSON does not allow."""
+
+    def refuse(name):
+        raise ValueError(f"{path}: {name} is not JSON")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def test_run_flags_are_saved_with_the_run_and_every_checkpoint(runs):
+    for folder in (runs["full"], runs["full"] / "checkpoint-3", runs["full"] / "checkpoint-6"):
+        saved = _strict_json(folder / "args.json")
+        assert saved["learning_rate"] == 1e-3 and saved["max_steps"] == 6 and saved["world_size"] == 1
+        assert saved["dataset_use"] == "demo_images%25" and saved["model_max_length"] == 256
+    summary = _strict_json(runs["full"] / "train_summary.json")
+    assert summary["steps"] == 6 and summary["last_checkpoint"].endswith("checkpoint-6")
+
+
+def test_rerun_of_a_finished_run_has_nothing_to_do(runs, tmp_path, capsys):
+    out = tmp_path / "full"
+    shutil.copytree(runs["full"], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(_flags(runs["tiny"], out)) == 0
+    printed = capsys.readouterr().out
+    assert f"nothing to do: {out} already holds this run, finished at step 6 (checkpoint-6)" in printed
+    assert "loss" not in printed.split("nothing to do")[1]
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # nothing rewritten, no NaN summary
+
+
+def test_finishing_a_run_whose_final_save_was_lost_writes_valid_json(runs, tmp_path, capsys):
+    """The last checkpoint holds every step but the final save never happened: the rerun resumes, trains no
+    step, saves the model and a summary whose undefined losses are null (was bare NaN, invalid JSON)."""
+    out = tmp_path / "full"
+    shutil.copytree(runs["full"], out)
+    for name in ("train_summary.json", "model.safetensors"):
+        (out / name).unlink()
+    assert main(_flags(runs["tiny"], out)) == 0
+    printed = capsys.readouterr().out
+    assert f"resumed from {out / 'checkpoint-6'} at step 6" in printed and "loss n/a -> n/a" in printed
+    summary = _strict_json(out / "train_summary.json")
+    assert summary["first_loss"] is None and summary["last_loss"] is None and summary["steps"] == 6
+    assert summary["resumed_from"] == str(out / "checkpoint-6")
+    final, last = (load_file(str(folder / "model.safetensors")) for folder in (out, out / "checkpoint-6"))
+    np.testing.assert_array_equal(final["lm_head.weight"], last["lm_head.weight"])
+
+
+def test_rerun_with_other_order_or_schedule_flags_is_an_error_naming_them(runs, tmp_path, capsys):
+    out = tmp_path / "full"
+    shutil.copytree(runs["full"], out)
+    assert main(_flags(runs["tiny"], out, "--learning_rate", "2e-3", "--max_steps", "8", "--seed", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"[train] error: {out / 'checkpoint-6'} was saved by a run")
+    assert "--seed 42 -> 1" in err and "--max_steps 6 -> 8" in err and "--learning_rate 0.001 -> 0.002" in err
+    assert "--overwrite_output_dir True" in err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_overwrite_output_dir_deletes_the_old_run_and_trains_afresh(runs, tmp_path, capsys):
+    out = tmp_path / "full"
+    shutil.copytree(runs["full"], out)
+    flags = _flags(runs["tiny"], out, "--max_steps", "2", "--save_steps", "2", "--logging_steps", "1")
+    assert main([*flags, "--overwrite_output_dir", "True"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed" not in printed and "[train] done: 2 steps" in printed
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert _strict_json(out / "args.json")["max_steps"] == 2
+
+
+def test_dry_run_saves_nothing_and_says_so(runs, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(_flags(runs["tiny"], out, "--max_steps", "2", "--dry_run")) == 0
+    printed = capsys.readouterr().out
+    assert "[dry_run] 2 steps, mean step" in printed and "nothing saved" in printed
+    assert "model saved" not in printed
+    assert not out.exists()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from qwenvl.train.argument import parse_args
-from qwenvl.train.validation import FlagError, validate_flags
+from qwenvl.errors import FlagError
+from qwenvl.train.validation import validate_flags
 
 
 @pytest.fixture()

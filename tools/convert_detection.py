@@ -20,7 +20,10 @@ COCO boxes `[x, y, w, h]` are clipped to the image first; boxes empty after clip
 (unless `--keep_crowd`) are dropped. Images with no box are left out unless `--keep_empty` (answer `[]`).
 `--ask present` (default) names the categories present in the image; images without boxes, and every
 image with `--ask all`, are asked about all categories. Image paths in the output are COCO's
-`file_name`, relative to --image_root: register the output with `data_path` = the image root.
+`file_name`, relative to --image_root; like convert_imagefolder.py, the tool registers the output in
+`registry.json` beside it (entry `--name`, default the output's stem, with `data_path` = the image root
+relative to the registry; entries already there are kept), ready for
+`train_qwen.py --dataset_registry <dir>/registry.json --dataset_use <name>`.
 Exit code: 0 done, 1 done but some annotations or images were skipped (listed), 2 nothing written.
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--output", default=None, help="output JSON (default: <stem>_grounding_<family>.json beside the input)"
+    )
+    parser.add_argument(
+        "--name", default=None, help="dataset name in the output folder's registry.json (default: the output's stem)"
     )
     parser.add_argument(
         "--prompt", default=DEFAULT_PROMPT, help=f"question; {{categories}} is replaced (default: {DEFAULT_PROMPT!r})"
@@ -243,6 +250,16 @@ def convert(coco: dict, image_root: Path, args: argparse.Namespace) -> tuple[lis
     return samples, problems, counts
 
 
+def register(output: Path, image_root: Path, name: str) -> Path:
+    """Add `name` -> the output and its image root to `registry.json` beside the output (paths relative to it)."""
+    registry_path = output.parent / "registry.json"
+    registry = json.loads(registry_path.read_text(encoding="utf-8")) if registry_path.is_file() else {}
+    data_path = os.path.relpath(image_root.resolve(), output.parent.resolve())
+    registry[name] = {"annotation_path": output.name, "data_path": data_path}
+    registry_path.write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
+    return registry_path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     path = Path(args.annotations)
@@ -262,14 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    except OSError as exc:
+        name = args.name or output.stem
+        registry = register(output, image_root, name)
+    except (OSError, json.JSONDecodeError) as exc:
         print(f"[convert_detection] error: cannot write {output}: {exc}", file=sys.stderr)
         return 2
     print(
         f"[convert_detection] {len(samples)} samples ({args.family}, "
         f"{'absolute resized pixels' if args.family in ABSOLUTE_FAMILIES else 'relative 0..1000'}) -> {output}; "
-        f"{', '.join(f'{k} {v}' for k, v in counts.items())}; problems {len(problems)}. "
-        f"Register it with data_path {image_root.resolve()}"
+        f"{', '.join(f'{k} {v}' for k, v in counts.items())}; problems {len(problems)}; registry {registry}: {name}"
     )
     return 1 if problems else 0
 

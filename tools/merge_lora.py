@@ -5,7 +5,8 @@
 Every adapted weight becomes W + (lora_alpha / r) * B @ A; tensors in `non_lora_trainables.safetensors`
 (vision tower or merger trained alongside LoRA) replace the base ones. The output has the base's
 config.json and tensor names, and the processor and tokenizer files of the adapter folder (the training
-pixel limits) or, where it has none, of the base, so it loads in `transformers` and in train_qwen.py.
+pixel limits) or, where it has none, of the base, so it loads in `transformers` and in train_qwen.py;
+the LoRA run's `args.json` comes along, so evaluate.py and infer.py ask the merged model as it was trained.
 Upstream has no merge tool (QwenLM/Qwen3-VL#1715).
 """
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json",
-    "qwenvl_vision.json", "generation_config.json",
+    "qwenvl_vision.json", "generation_config.json", "args.json",
 )  # fmt: skip
 
 

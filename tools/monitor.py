@@ -9,7 +9,9 @@ the newest `checkpoint-*/trainer_state.json` for `max_steps` (or --max_steps bef
 checkpoint). Prints progress (step/max and percent), an ETA from the mean step time of the last
 --window log records, the current loss and its moving average over --window records, learning rate
 per parameter group, grad norm, tokens/s, memory, the last evaluation and the newest checkpoint.
-Writes `loss.png` (or --plot): loss with its moving average and eval loss on top, learning rates below.
+Writes `loss.png` (or --plot): loss with its moving average and eval loss on top, learning rates below
+(one line per parameter group, drawn widest first so groups with equal rates show as nested stripes;
+an axis of non-negative values starts at 0).
 `--watch N` stops once max_steps is reached or `train_summary.json` (written at the end) is newer than the log.
 Exit code: 0, or 2 when the output folder does not exist or a file cannot be read or written.
 """
@@ -41,6 +43,18 @@ LOSS_COLOR = (150, 190, 235)
 AVERAGE_COLOR = (20, 70, 170)
 EVAL_COLOR = (210, 40, 40)
 GROUP_COLORS = ((230, 120, 20), (40, 150, 60), (140, 60, 170), (20, 150, 160), (120, 120, 120))
+
+
+@dataclass
+class Series:
+    """One curve of a panel: a line (of `width` pixels) or dots."""
+
+    label: str
+    xs: list[float]
+    ys: list[float]
+    color: tuple[int, int, int]
+    as_points: bool = False
+    width: int = 2
 
 
 @dataclass
@@ -214,26 +228,32 @@ def _tick_label(value: float) -> str:
     return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
 
 
+def axis_range(values: list[float]) -> tuple[float, float]:
+    """The y range of a panel: the data with a 5% margin, which never goes below 0 for non-negative data
+    (a learning rate or a loss has no negative tick)."""
+    low, high = min(values), max(values)
+    margin = (high - low) * 0.05 or abs(low) * 0.1 or 1.0  # keep curves off the frame
+    return (low - margin if low < 0 or low - margin >= 0 else 0.0), high + margin
+
+
 def draw_panel(
     draw: ImageDraw.ImageDraw,
     box: tuple[int, int, int, int],
     title: str,
-    series: list[tuple[str, list[float], list[float], tuple[int, int, int], bool]],
+    series: list[Series],
     x_range: tuple[float, float],
 ) -> None:
-    """Axes with ticks, labels and a legend; each series (label, xs, ys, colour, as_points) as a line or dots."""
+    """Axes with ticks, labels and a legend; each series as a line or dots."""
     font = ImageFont.load_default()
     left, top, right, bottom = box
     plot = (left + 70, top + 28, right - 15, bottom - 35)
-    ys = [y for _, _, values, _, _ in series for y in values if math.isfinite(y)]
+    ys = [y for s in series for y in s.ys if math.isfinite(y)]
     draw.text((plot[0], top + 6), title, fill=AXIS, font=font)
     draw.rectangle(plot, outline=AXIS)
     if not ys:
         draw.text((plot[0] + 10, plot[1] + 10), "no data", fill=AXIS, font=font)
         return
-    y_low, y_high = min(ys), max(ys)
-    margin = (y_high - y_low) * 0.05 or abs(y_low) * 0.1 or 1.0  # keep curves off the frame
-    y_low, y_high = y_low - margin, y_high + margin
+    y_low, y_high = axis_range(ys)
     x_low, x_high = x_range
     x_high = x_high if x_high > x_low else x_low + 1
 
@@ -253,16 +273,16 @@ def draw_panel(
         draw.text((px - 10, plot[3] + 6), f"{value:.0f}", fill=AXIS, font=font)
     draw.text(((plot[0] + plot[2]) // 2 - 12, bottom - 14), "step", fill=AXIS, font=font)
     legend_x = plot[2] - 170
-    for row, (label, xs, values, color, as_points) in enumerate(series):
-        points = [to_pixel(x, y) for x, y in zip(xs, values) if math.isfinite(y)]
-        if as_points or len(points) == 1:
+    for row, curve in enumerate(series):
+        points = [to_pixel(x, y) for x, y in zip(curve.xs, curve.ys) if math.isfinite(y)]
+        if curve.as_points or len(points) == 1:
             for px, py in points:
-                draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
+                draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=curve.color)
         elif points:
-            draw.line(points, fill=color, width=2)
+            draw.line(points, fill=curve.color, width=curve.width, joint="curve")
         legend_y = plot[1] + 8 + 14 * row
-        draw.line((legend_x, legend_y + 6, legend_x + 18, legend_y + 6), fill=color, width=3)
-        draw.text((legend_x + 24, legend_y), label, fill=AXIS, font=font)
+        draw.line((legend_x, legend_y + 6, legend_x + 18, legend_y + 6), fill=curve.color, width=max(3, curve.width))
+        draw.text((legend_x + 24, legend_y), curve.label, fill=AXIS, font=font)
 
 
 def plot_run(log: RunLog, window: int, size: tuple[int, int], path: Path) -> None:
@@ -274,12 +294,12 @@ def plot_run(log: RunLog, window: int, size: tuple[int, int], path: Path) -> Non
     losses = [v if (v := number(r.get("loss"))) is not None else math.nan for r in log.train]
     x_range = (min(steps + [float(e["step"]) for e in log.evals]), max(steps + [float(e["step"]) for e in log.evals]))
     loss_series = [
-        ("loss", steps, losses, LOSS_COLOR, False),
-        (f"moving average ({window})", steps, moving_average(losses, window), AVERAGE_COLOR, False),
+        Series("loss", steps, losses, LOSS_COLOR),
+        Series(f"moving average ({window})", steps, moving_average(losses, window), AVERAGE_COLOR),
     ]
     if log.evals:
         eval_losses = [v if (v := number(e.get("eval_loss"))) is not None else math.nan for e in log.evals]
-        loss_series.append(("eval loss", [float(e["step"]) for e in log.evals], eval_losses, EVAL_COLOR, True))
+        loss_series.append(Series("eval loss", [float(e["step"]) for e in log.evals], eval_losses, EVAL_COLOR, True))
     split = int(height * 0.6)
     draw_panel(draw, (0, 0, width, split), "training loss", loss_series, x_range)
     groups: dict[str, tuple[list[float], list[float]]] = {}
@@ -290,8 +310,9 @@ def plot_run(log: RunLog, window: int, size: tuple[int, int], path: Path) -> Non
             if (v := number(value)) is not None:
                 groups.setdefault(group, ([], []))[0].append(float(record["step"]))
                 groups[group][1].append(v)
-    colours = [GROUP_COLORS[i % len(GROUP_COLORS)] for i in range(len(groups))]
-    lr_series = [(group, xs, ys, colour, False) for (group, (xs, ys)), colour in zip(groups.items(), colours)]
+    # widest first, 3 pixels narrower each: a group hidden under another still shows as a border around it
+    lr_series = [Series(group, xs, ys, GROUP_COLORS[i % len(GROUP_COLORS)], width=2 + 3 * (len(groups) - 1 - i))
+                 for i, (group, (xs, ys)) in enumerate(groups.items())]  # fmt: skip
     draw_panel(draw, (0, split, width, height), "learning rate per group", lr_series, x_range)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

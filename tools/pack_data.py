@@ -6,7 +6,9 @@ Token counts use the training pipeline itself (same tokenizer, template, pixel l
 rules as `train_qwen.py` with the same flags), read from image headers and video metadata without
 decoding pixels. They are cached in `<stem>_count.json` beside the input and reused while the input
 file and the settings are unchanged. The output `<stem>_pack.json` is a JSON list of packs, each a list
-of the original samples, which the dataset registry accepts like any annotation file.
+of the original samples, which the dataset registry accepts like any annotation file: relative media
+paths are rewritten relative to the pack file's folder (absolute ones are kept), so it trains with
+`--dataset_use path/to/<stem>_pack.json --data_packing True` wherever the media live (`--data_path`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -60,9 +63,34 @@ def _settings_key(args: argparse.Namespace, encoder) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+MEDIA_KEYS = ("image", "images", "video", "videos")
+
+
+def _data_path(args: argparse.Namespace) -> str:
+    return args.data_path if args.data_path is not None else str(Path(args.annotation_path).resolve().parent)
+
+
+def relocate_media(item: dict, data_path: str, pack_dir: Path) -> dict:
+    """The sample with its relative media paths made relative to the pack file's folder instead of `data_path`."""
+
+    def moved(path: str) -> str:
+        if os.path.isabs(path):
+            return path
+        return os.path.relpath(Path(data_path).resolve() / path, pack_dir.resolve())
+
+    out = dict(item)
+    for key in MEDIA_KEYS:
+        value = item.get(key)
+        if isinstance(value, str):
+            out[key] = moved(value)
+        elif isinstance(value, list):
+            out[key] = [moved(v) if isinstance(v, str) else v for v in value]
+    return out
+
+
 def count_tokens(args: argparse.Namespace, items: list, encoder) -> tuple[list[int | None], list[str]]:
     """Token count per sample (None for skipped bad samples) and the problems met."""
-    data_path = args.data_path if args.data_path is not None else str(Path(args.annotation_path).resolve().parent)
+    data_path = _data_path(args)
     counts: list[int | None] = []
     problems = []
     for index, item in enumerate(items):
@@ -111,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[pack_data] error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    packs = [[items[kept[j]] for j in pack] for pack in result.packs]
     output = Path(args.output) if args.output else input_path.with_name(f"{input_path.stem}_pack.json")
+    packs = [[relocate_media(items[kept[j]], _data_path(args), output.parent) for j in pack] for pack in result.packs]
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(packs, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(
         f"[pack_data] {len(kept)} samples -> {result.n_packs} packs of <= {args.pack_length} tokens "

@@ -202,8 +202,16 @@ def assistant_labels(input_ids: np.ndarray, special: SpecialTokens) -> np.ndarra
 def encode_chat_template(
     tokenizer, special: SpecialTokens, messages: list[tuple[str, str]], visuals: list[VisualTokens]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Upstream 3-era tokenisation through the model's own chat template."""
-    text = tokenizer.apply_chat_template(_chat_messages(messages), tokenize=False, add_generation_prompt=False)
+    """Upstream 3-era tokenisation through the model's own chat template (a failing template is a ValueError,
+    which the encoder turns into a SampleError naming the sample)."""
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(_chat_messages(messages), tokenize=False, add_generation_prompt=False)
+    except TemplateError as exc:
+        raise ValueError(f"the model's chat template failed on this sample ({type(exc).__name__}: {exc}); a vision "
+                         "model needs a template that renders image and video items (chat_template.jinja or "
+                         "chat_template.json of the model folder)") from exc  # fmt: skip
     videos = [v for v in visuals if v.kind == "video"]
     if videos:
         text = _expand_video_placeholders(text, videos)

@@ -2,13 +2,15 @@
 
 Checkpoints we save must load in `transformers` with the pixel limits used in training (upstream
 saves them too), and tests need realistic processor folders built from the real Qwen tokenizer.
+Reading goes the other way: the chat template the way a processor finds it, and the pixel and video
+limits a folder records, so evaluation asks a model the way it was trained.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from qwenvl.data.chat_templates import CHAT_TEMPLATES
@@ -23,12 +25,82 @@ VIDEO_PROCESSOR_CLASSES = {
 }
 
 
+RUN_ARGS_FILE = "args.json"  # a training run's flags (qwenvl.train.run_record)
+VISION_FILE = "qwenvl_vision.json"
+
+
+def processor_chat_template(model_dir: str | Path) -> str | None:
+    """The chat template a processor of this folder uses: `chat_template.jinja`, else the legacy
+    `chat_template.json` (how Hugging Face ships Qwen2-VL .. Qwen3-VL), else None (the tokenizer's)."""
+    folder = Path(model_dir)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not (folder / "chat_template.json").is_file():
+        return None
+    template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):  # several named templates: the processor's default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
 def load_tokenizer(model_dir: str | Path, model_max_length: int | None = None):
-    """The fast tokenizer of a local folder, right padding (imports transformers, not mindnlp)."""
+    """The fast tokenizer of a local folder, right padding, with the processor's chat template.
+
+    The tokenizer alone reads `tokenizer_config.json`'s template (a text-only one in Qwen3-VL's
+    folders); vision samples need the processor's. Imports transformers, not mindnlp.
+    """
     from transformers import AutoTokenizer
 
     kwargs = {"model_max_length": model_max_length} if model_max_length else {}
-    return AutoTokenizer.from_pretrained(str(model_dir), padding_side="right", use_fast=True, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="right", use_fast=True, **kwargs)
+    tokenizer.chat_template = processor_chat_template(model_dir) or tokenizer.chat_template
+    return tokenizer
+
+
+def _edges(config: dict) -> tuple[int | None, int | None]:
+    """(min, max) pixels of a processor config: `min_pixels`/`max_pixels`, else `size`'s edges (HF 4.5x)."""
+    size = config.get("size") if isinstance(config.get("size"), dict) else {}
+    return config.get("min_pixels", size.get("shortest_edge")), config.get("max_pixels", size.get("longest_edge"))
+
+
+def _from_hf_configs(folder: Path, family: str) -> dict:
+    """Pixel limits (and Qwen3 video sampling) from Hugging Face's processor configs of a folder."""
+    found = {}
+    image = folder / "preprocessor_config.json"
+    if image.is_file():
+        low, high = _edges(json.loads(image.read_text(encoding="utf-8")))
+        found.update({k: v for k, v in (("min_pixels", low), ("max_pixels", high)) if v is not None})
+    video = folder / "video_preprocessor_config.json"
+    if video.is_file():
+        config = json.loads(video.read_text(encoding="utf-8"))
+        low, high = _edges(config)
+        if family == "qwen3vl":  # per-clip bounds and HF's frame sampling
+            keys = {"video_min_pixels": low, "video_max_pixels": high, "video_fps": config.get("fps"),
+                    "video_min_frames": config.get("min_frames"),
+                    "video_max_frames": config.get("max_frames")}  # fmt: skip
+        else:  # per-frame bounds; frames follow the 2.5-era rule (qwenvl_vision.json records ours)
+            keys = {"video_min_frame_pixels": low, "video_max_frame_pixels": high}
+        found.update({k: v for k, v in keys.items() if v is not None})
+    return found
+
+
+def recorded_data_settings(model_dir: str | Path, family: str) -> tuple[dict, list[str]]:
+    """The data flags a model folder records, and the files they came from (later files win):
+    HF's processor configs, our `qwenvl_vision.json`, then the training run's `args.json`."""
+    from qwenvl.data.arguments import DataArguments
+
+    folder = Path(model_dir)
+    names = {f.name for f in fields(DataArguments)} - {"dataset_use", "eval_dataset_use", "dataset_registry",
+                                                        "data_flatten", "data_packing"}  # fmt: skip
+    settings, sources = _from_hf_configs(folder, family), []
+    if settings:
+        sources.append("preprocessor_config.json")
+    for name in (VISION_FILE, RUN_ARGS_FILE):
+        if (folder / name).is_file():
+            recorded = json.loads((folder / name).read_text(encoding="utf-8"))
+            settings.update({k: v for k, v in recorded.items() if k in names})
+            sources.append(name)
+    return {k: v for k, v in settings.items() if k in names}, sources
 
 
 def _image_config(settings: VisionSettings) -> dict:
@@ -96,5 +168,5 @@ def write_processor_files(
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATES[settings.family], encoding="utf-8")
     (out / "preprocessor_config.json").write_text(json.dumps(_image_config(settings), indent=2), encoding="utf-8")
     (out / "video_preprocessor_config.json").write_text(json.dumps(_video_config(settings), indent=2), encoding="utf-8")
-    (out / "qwenvl_vision.json").write_text(json.dumps(asdict(settings), indent=2), encoding="utf-8")
+    (out / VISION_FILE).write_text(json.dumps(asdict(settings), indent=2), encoding="utf-8")
     return out

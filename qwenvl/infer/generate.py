@@ -5,7 +5,8 @@ it is exactly the training-time context (template, vision tokens, positions). Ea
 the model on the whole sequence padded to `prompt + max_new_tokens` tokens: one shape, compiled once;
 causal attention makes the right padding invisible to the positions that matter. Positions of new
 tokens are recomputed with the family's rope function, so they equal what a cached decoder would use.
-No KV cache: simple and exact, meant for evaluation of fine-tunes, not for serving.
+No KV cache: simple and exact, meant for evaluation of fine-tunes, not for serving. An answer that
+reaches `max_new_tokens` without an end token is flagged (`Answer.hit_limit`): it may be cut.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from qwenvl.constants import IGNORE_INDEX
 from qwenvl.data.annotations import Sample
 from qwenvl.data.collators import collate_padded
 from qwenvl.data.dataset import EncodedSample, SampleEncoder
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    new_tokens: int
+    hit_limit: bool  # no end token within max_new_tokens: the answer may be cut
+    vision_tokens: int  # image and video tokens of the prompt: what the model saw
 
 
 @dataclass(frozen=True)
@@ -127,16 +136,23 @@ class Generator:
             new.append(token)
         return new
 
-    def answer(self, sample: Sample, config: GenerationConfig = GenerationConfig()) -> str:
-        tokens = self.generate(encode_prompt(self.encoder, sample), config)
-        return self.encoder.tokenizer.decode(tokens, skip_special_tokens=False)
+    def answer(self, sample: Sample, config: GenerationConfig = GenerationConfig()) -> Answer:
+        prompt = encode_prompt(self.encoder, sample)
+        tokens = self.generate(prompt, config)
+        special = self.encoder.special
+        return Answer(
+            text=self.encoder.tokenizer.decode(tokens, skip_special_tokens=False),
+            new_tokens=len(tokens),
+            hit_limit=len(tokens) >= config.max_new_tokens,
+            vision_tokens=int(np.isin(prompt.input_ids, [special.image_pad, special.video_pad]).sum()),
+        )
 
 
 def load_generator(model_dir: str, data_args=None, adapter_dir: str | None = None, dtype: str = "float32") -> Generator:
     """A generator over a local model folder (and optionally a LoRA adapter trained on it).
 
-    Pixel limits come from `data_args` when given, else the defaults; the adapter folder's processor
-    files (the training limits) are used for the prompt when an adapter is given.
+    Pixel limits come from `data_args` when given, else the defaults (the tools pass the model's own,
+    `qwenvl.infer.model_source`); the adapter folder's tokenizer and template are used when it has them.
     """
     from pathlib import Path
 

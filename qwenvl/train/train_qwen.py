@@ -9,21 +9,31 @@ and a printed summary.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
-from dataclasses import asdict
+import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from qwenvl.train.argument import parse_args  # noqa: E402
+from qwenvl.errors import FlagError  # noqa: E402
+from qwenvl.train.argument import parse_args_with_notes  # noqa: E402
 
-NOT_APPLICABLE = {"deepspeed": "DeepSpeed is not used; ZeRO-1 is --optim adamw_zero1_mindspore"}
 
-
-def compute_dtype(training_args) -> str:
+def compute_dtype(training_args, device: str = "Ascend") -> str:
+    """The model's compute dtype from --bf16/--fp16; bfloat16 on CPU is a FlagError telling the CLI fix."""
     if training_args.bf16 and training_args.fp16:
-        raise ValueError("--bf16 and --fp16 are exclusive")
+        raise FlagError("--bf16 and --fp16 are exclusive")
+    if training_args.bf16 and device == "CPU":
+        raise FlagError("--bf16 needs an Ascend device: MindSpore's CPU backend has no bfloat16 kernels. "
+                        "On CPU pass --fp16 True (float16 compute) or no dtype flag (float32)")  # fmt: skip
     return "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else "float32"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def configure_trainable(model, model_args, training_args) -> dict[str, int]:
@@ -31,8 +41,6 @@ def configure_trainable(model, model_args, training_args) -> dict[str, int]:
 
     With LoRA the vision and merger flags still apply (upstream ignored them, #2079).
     """
-    from dataclasses import replace
-
     from qwenvl.train.freezing import apply_tuning_flags
 
     if not training_args.lora_enable:
@@ -54,36 +62,55 @@ def configure_trainable(model, model_args, training_args) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     """Parse and validate flags, train in graph mode (`qwenvl.runtime`), restore the caller's mode afterwards.
 
-    A user error (bad flag, bad sample, bad dataset or registry, missing model folder) is one line on
-    stderr and exit code 2; any other exception is a bug and keeps its traceback.
+    A user error (bad flag, bad sample, bad dataset or registry, missing model folder, a rerun that
+    conflicts with the checkpoint it would resume) is one `[train] error:` line on stderr and exit code 2;
+    any other exception is a bug and keeps its traceback.
     """
     from qwenvl.errors import UserError
+    from qwenvl.train.schedule import schedule_options
     from qwenvl.train.validation import validate_flags
 
     try:
-        model_args, data_args, training_args = parse_args(argv)
+        model_args, data_args, training_args, notes = parse_args_with_notes(argv)
         validate_flags(model_args, data_args, training_args)
+        schedule_options(training_args.lr_scheduler_type, training_args.lr_scheduler_kwargs,
+                         training_args.learning_rate)  # fmt: skip
+        if training_args.use_cpu:
+            os.environ["QWENVL_DEVICE"] = "CPU"
         from qwenvl.runtime import graph_mode, select_device
 
         with graph_mode():
-            return _train(model_args, data_args, training_args, select_device())
+            device = select_device()
+            dtype = compute_dtype(training_args, device)
+            if not training_args.dry_run:
+                return _train(model_args, data_args, training_args, device, dtype, notes)
+            # a dry run writes nothing where a real run lives: its log goes to a folder deleted afterwards
+            scratch = tempfile.mkdtemp(prefix="qwenvl-dry-run-")
+            try:
+                return _train(model_args, data_args, replace(training_args, output_dir=scratch), device, dtype, notes)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
     except UserError as exc:
         print(f"[train] error: {exc.one_line()}", file=sys.stderr)
         return 2
 
 
-def _train(model_args, data_args, training_args, device: str) -> int:
-
+def _train(model_args, data_args, training_args, device: str, dtype: str, notes: list[str]) -> int:
     from qwenvl.data.pipeline import build_collator, build_dataset, build_encoder
     from qwenvl.model import load_model
     from qwenvl.train.distributed import init_distributed
     from qwenvl.train.model_files import HFModelFiles
+    from qwenvl.train.run_record import WithRunArgs, json_safe, run_args, write_run_args
     from qwenvl.train.train_step import seed_everything
     from qwenvl.train.trainer import Trainer
 
     dp = init_distributed()
+    if dp.is_main:
+        for note in notes:
+            print(f"[train] {note}")
     seed_everything(training_args.seed)
     model_dir = Path(model_args.model_name_or_path)
+    output_dir = Path(training_args.output_dir)
     encoder = build_encoder(model_dir, data_args, training_args.model_max_length)
     dataset = build_dataset(encoder, data_args, training_args.seed, skip_bad=training_args.skip_bad_samples)
     eval_dataset = (
@@ -92,32 +119,40 @@ def _train(model_args, data_args, training_args, device: str) -> int:
         else None
     )
     collate = build_collator(encoder, data_args, pad_to_multiple_of=64)
-    model = load_model(model_dir, dtype=compute_dtype(training_args))
+    model = load_model(model_dir, dtype=dtype)
     trainable = configure_trainable(model, model_args, training_args)
     if training_args.gradient_checkpointing:
         model.enable_recompute()
-    files = HFModelFiles(model_dir, encoder.settings)
-    trainer = Trainer(model, training_args, dataset, collate, files, dp, eval_dataset=eval_dataset)
+    record = run_args(model_args, data_args, training_args, world_size=dp.world_size)
+    files = WithRunArgs(HFModelFiles(model_dir, encoder.settings), record)
+    trainer = Trainer(model, training_args, dataset, collate, files, dp, progress=not training_args.disable_tqdm,
+                      eval_dataset=eval_dataset)  # fmt: skip
+    trainer.run_record = record
     if dp.is_main:
-        for name, reason in NOT_APPLICABLE.items():
-            if getattr(training_args, name):
-                print(f"[train] --{name} ignored: {reason}")
         print(f"[train] {model.model_type} from {model_dir} on {device} x{dp.world_size}; {len(dataset)} samples, "
               f"{trainer.total_steps} steps; trainable parameters per part {trainable}")  # fmt: skip
-    summary = trainer.train()
-    if dp.is_main:
-        if not training_args.dry_run:
-            files.save(model, Path(training_args.output_dir))
-        (Path(training_args.output_dir) / "train_summary.json").write_text(
-            json.dumps(asdict(summary), indent=2), encoding="utf-8"
-        )
-        print(
-            f"[train] done: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}, "
-            f"{summary.tokens} supervised tokens, {summary.skipped_steps} skipped steps, "
-            f"{len(summary.bad_samples)} bad samples skipped, mean step {summary.mean_step_seconds:.3f} s; "
-            f"model saved to {training_args.output_dir}"
-            + (f", last checkpoint {summary.last_checkpoint}" if summary.last_checkpoint else "")
-        )
+    finished = trainer.finished_checkpoint()
+    if finished is not None and (output_dir / "train_summary.json").is_file():
+        if dp.is_main:
+            print(f"[train] nothing to do: {output_dir} already holds this run, finished at step {trainer.total_steps} "
+                  f"({finished.name}); pass --overwrite_output_dir True to train it again")  # fmt: skip
+        return 0
+    if dp.is_main and not training_args.dry_run:
+        write_run_args(output_dir, record)
+    summary = json_safe(asdict(trainer.train()))
+    if not dp.is_main:
+        return 0
+    result = (f"[train] done: {summary['steps']} steps, loss {_number(summary['first_loss'], '.4f')} -> "
+              f"{_number(summary['last_loss'], '.4f')}, {summary['tokens']} supervised tokens, "
+              f"{summary['skipped_steps']} skipped steps, {len(summary['bad_samples'])} bad samples skipped, "
+              f"mean step {summary['mean_step_seconds']:.3f} s")  # fmt: skip
+    if training_args.dry_run:
+        print(f"{result}; dry run: nothing saved (no checkpoint, no model, no logs)")
+        return 0
+    files.save(model, output_dir)
+    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
+    print(f"{result}; model saved to {output_dir}"
+          + (f", last checkpoint {summary['last_checkpoint']}" if summary["last_checkpoint"] else ""))  # fmt: skip
     return 0
 
 

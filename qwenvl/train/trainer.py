@@ -35,11 +35,13 @@ from qwenvl.train.checkpoint import (
     save_arrays,
     write_checkpoint,
 )
+from qwenvl.errors import FlagError
 from qwenvl.train.data_loader import StepLoader, null_sample, total_steps
 from qwenvl.train.distributed import DataParallel
 from qwenvl.train.optimizer import ZeRO1AdamW, build_optimizer
 from qwenvl.train.param_groups import build_param_groups
-from qwenvl.train.schedule import lr_factor, warmup_steps
+from qwenvl.train.run_record import ResumeConflict, clear_previous_run, conflict_message, resume_conflicts, run_args
+from qwenvl.train.schedule import lr_factor, schedule_options, warmup_steps
 from qwenvl.train.train_log import TrainLogger, memory_stats
 from qwenvl.train.train_step import StepMetrics, TrainStep
 
@@ -108,6 +110,7 @@ class Trainer:
         )
         self.total_steps = total_steps(args.num_train_epochs, args.max_steps, self.loader.steps_per_epoch)
         self.warmup = warmup_steps(self.total_steps, args.warmup_ratio, args.warmup_steps)
+        self.schedule = schedule_options(args.lr_scheduler_type, args.lr_scheduler_kwargs, args.learning_rate)
         self.state = TrainerState(max_steps=self.total_steps, data=self._position(0, 0))
         self.progress = progress
 
@@ -124,7 +127,7 @@ class Trainer:
         )
 
     def lr_factor(self, step: int) -> float:
-        return lr_factor(self.args.lr_scheduler_type, step, self.total_steps, self.warmup)
+        return lr_factor(self.args.lr_scheduler_type, step, self.total_steps, self.warmup, **self.schedule)
 
     # ----- checkpoints -------------------------------------------------------------------------
     def _barrier(self) -> None:
@@ -156,20 +159,14 @@ class Trainer:
             rotate_checkpoints(self.output_dir, self.args.save_total_limit)
         return path
 
+    # What `args.json` of this run holds (set by train_qwen.py); compared with a checkpoint before resuming.
+    run_record: dict | None = None
+
     def resume(self, checkpoint: Path) -> None:
         """Weights, optimizer moments, loss scale, RNG and data position from a complete checkpoint."""
         self.files.load_into(self.model, checkpoint)
         self.step_fn.load_state_dict(ShardedArrays(optimizer_files(checkpoint)))
         state = read_trainer_state(checkpoint)
-        if (state.data.seed, state.data.world_size) != (self.args.seed, self.dp.world_size) or (
-            state.data.micro_batch_size,
-            state.data.accumulation_steps,
-        ) != (self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps):
-            raise ValueError(
-                f"{checkpoint}: saved with seed/world/batch/accumulation {state.data.seed}/{state.data.world_size}/"
-                f"{state.data.micro_batch_size}/{state.data.accumulation_steps}; this run differs, so the data "
-                "order would not continue where it stopped"
-            )
         state.max_steps = self.total_steps
         self.state = state
         rng = rng_file(checkpoint, self.dp.rank)
@@ -177,12 +174,37 @@ class Trainer:
             restore_rng_state(json.loads(rng.read_text(encoding="utf-8")))
 
     def _find_resume(self) -> Path | None:
-        if self.args.resume_from_checkpoint:
-            path = Path(self.args.resume_from_checkpoint)
+        """The checkpoint to continue: `--resume_from_checkpoint`, else the latest in output_dir, unless
+        `--overwrite_output_dir` (then output_dir's earlier checkpoints and logs are deleted). A checkpoint
+        whose run had another data order or schedule is a `ResumeConflict` naming the flags."""
+        args = self.args
+        if args.overwrite_output_dir:
+            if args.resume_from_checkpoint:
+                raise ResumeConflict("--overwrite_output_dir True starts afresh and --resume_from_checkpoint continues "
+                                     "a checkpoint: pass one of them (to start from a checkpoint's weights, pass it "
+                                     "as --model_name_or_path)")  # fmt: skip
+            if self.dp.is_main:
+                clear_previous_run(self.output_dir)
+            return None
+        if args.resume_from_checkpoint:
+            path = Path(args.resume_from_checkpoint)
             if not (path / "trainer_state.json").is_file():
-                raise ValueError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
-            return path
-        return latest_checkpoint(self.output_dir)
+                raise FlagError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
+        else:
+            path = latest_checkpoint(self.output_dir)
+        if path is not None:
+            current = {**run_args(args, world_size=self.dp.world_size), **(self.run_record or {})}
+            conflicts = resume_conflicts(path, current, self.total_steps, len(self.loader.dataset))
+            if conflicts:
+                raise ResumeConflict(conflict_message(self.output_dir, path, conflicts))
+        return path
+
+    def finished_checkpoint(self) -> Path | None:
+        """The checkpoint a rerun would resume when it already holds every step: nothing is left to train."""
+        if self.args.dry_run or (self.args.save_strategy == "no" and not self.args.resume_from_checkpoint):
+            return None
+        path = self._find_resume()
+        return path if path is not None and read_trainer_state(path).global_step >= self.total_steps else None
 
     # ----- evaluation --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

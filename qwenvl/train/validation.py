@@ -13,12 +13,8 @@ from pathlib import Path
 
 from qwenvl.data.arguments import DataArguments
 from qwenvl.data.image_processing import DECODE_MAX_PIXELS_CEILING
-from qwenvl.errors import UserError
+from qwenvl.errors import FlagError
 from qwenvl.family import read_model_type
-
-
-class FlagError(UserError):
-    """A flag value that cannot work; the message names the flag, the value and what is allowed."""
 
 
 def _require(ok: bool, flag: str, value: object, allowed: str) -> None:
@@ -65,10 +61,13 @@ def validate_data_args(data_args: DataArguments) -> None:
 
 def validate_model_folder(path: str | Path, weights: bool = True) -> None:
     """A local folder with a config.json naming a Qwen-VL family, a tokenizer and (for training) weights."""
-    folder = Path(path)
     flag = "--model_name_or_path"
+    if not path:
+        raise FlagError(f"{flag} is required: a local model folder (config.json, safetensors, tokenizer)")
+    folder = Path(path)
     if not folder.is_dir():
-        raise FlagError(f"{flag} {folder}: no such folder (models load from local folders only, never downloaded)")
+        raise FlagError(f"{flag} {folder}: no such folder (models load from local folders only, never downloaded: "
+                        "download a Hub model first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR`)")
     try:
         read_model_type(folder)
     except ValueError as exc:  # missing or unreadable config.json, or not a Qwen-VL model_type
