@@ -67,14 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     any other exception is a bug and keeps its traceback.
     """
     from qwenvl.errors import UserError
-    from qwenvl.train.schedule import schedule_options
     from qwenvl.train.validation import validate_flags
 
     try:
         model_args, data_args, training_args, notes = parse_args_with_notes(argv)
         validate_flags(model_args, data_args, training_args)
-        schedule_options(training_args.lr_scheduler_type, training_args.lr_scheduler_kwargs,
-                         training_args.learning_rate)  # fmt: skip
         if training_args.use_cpu:
             os.environ["QWENVL_DEVICE"] = "CPU"
         from qwenvl.runtime import graph_mode, select_device

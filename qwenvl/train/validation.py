@@ -15,6 +15,7 @@ from qwenvl.data.arguments import DataArguments
 from qwenvl.data.image_processing import DECODE_MAX_PIXELS_CEILING
 from qwenvl.errors import FlagError
 from qwenvl.family import read_model_type
+from qwenvl.train.schedule import schedule_options
 
 
 def _require(ok: bool, flag: str, value: object, allowed: str) -> None:
@@ -107,10 +108,12 @@ def validate_training_args(training_args) -> None:
     _require(targets or not t.lora_enable, "lora_target_modules", repr(t.lora_target_modules), "names no module")
     output = Path(t.output_dir)
     _require(not output.exists() or output.is_dir(), "output_dir", output, "exists and is not a folder")
+    schedule_options(t.lr_scheduler_type, t.lr_scheduler_kwargs, t.learning_rate)
 
 
 def validate_flags(model_args, data_args: DataArguments, training_args) -> None:
-    """All flags of train_qwen.py, before any model or data is loaded."""
+    """All flags of train_qwen.py, before any model or data is loaded (the model folder first)."""
+    validate_model_folder(model_args.model_name_or_path)
     tuned = model_args.tune_mm_llm or model_args.tune_mm_mlp or model_args.tune_mm_vision or training_args.lora_enable
     if not tuned:
         raise FlagError("nothing would train: set --tune_mm_llm, --tune_mm_mlp or --tune_mm_vision, or --lora_enable")
@@ -122,4 +125,3 @@ def validate_flags(model_args, data_args: DataArguments, training_args) -> None:
         raise FlagError("--eval_dataset_use is set but --eval_strategy is 'no': pass --eval_strategy steps or epoch")
     validate_data_args(data_args)
     validate_training_args(training_args)
-    validate_model_folder(model_args.model_name_or_path)
