@@ -291,7 +291,7 @@ class Trainer:
                 self.state.data = self._position(loaded.epoch + epoch_done, 0 if epoch_done else next_step)
                 self.state.epoch = self.state.global_step / self.loader.steps_per_epoch
                 if metrics.skipped:
-                    logger.message(f"[train] step {self.state.global_step} skipped: {metrics.reason}")
+                    logger.message(f"[train] step {self.state.global_step} skipped: {metrics.skip_reason}")
                 else:
                     all_losses.append(metrics.loss)
                 step_seconds.append(elapsed)
