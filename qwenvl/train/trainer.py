@@ -21,10 +21,14 @@ from mindspore import nn
 
 from qwenvl.data.errors import SampleError
 from qwenvl.train.checkpoint import (
+    CHECKPOINT_PREFIX,
+    CheckpointError,
     DataPosition,
     ShardedArrays,
     TrainerState,
-    latest_checkpoint,
+    checkpoint_folders,
+    checkpoint_problem,
+    checkpoint_step,
     optimizer_files,
     read_trainer_state,
     remove_partial_checkpoints,
@@ -151,7 +155,13 @@ class Trainer:
                 save_arrays(folder / f"optimizer-rank{self.dp.rank}.safetensors", self.step_fn.state_dict())
             rng_file(folder, self.dp.rank).write_text(json.dumps(rng_state()), encoding="utf-8")
 
-        path = write_checkpoint(self.output_dir, step, shared_files, self.state, self.dp.is_main, self._barrier, rank_files)
+        try:
+            path = write_checkpoint(self.output_dir, step, shared_files, self.state, self.dp.is_main, self._barrier, rank_files)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write {CHECKPOINT_PREFIX}{step} in {self.output_dir}: {exc.strerror or exc}; "
+                "the earlier checkpoints are kept"
+            ) from exc
         if self.dp.is_main:
             rotate_checkpoints(self.output_dir, self.args.save_total_limit)
         return path
@@ -177,12 +187,34 @@ class Trainer:
             restore_rng_state(json.loads(rng.read_text(encoding="utf-8")))
 
     def _find_resume(self) -> Path | None:
-        if self.args.resume_from_checkpoint:
-            path = Path(self.args.resume_from_checkpoint)
-            if not (path / "trainer_state.json").is_file():
-                raise ValueError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
+        """The checkpoint to resume from, verified against its manifest on the main rank, agreed by all ranks.
+
+        `--resume_from_checkpoint` names one, and a damaged one is an error. Otherwise the newest intact
+        checkpoint of `output_dir`: each newer one that is incomplete or damaged is passed over with a
+        one-line warning saying what is wrong with it.
+        """
+        named = self.args.resume_from_checkpoint
+        if named:
+            path = Path(named)
+            if self.dp.is_main and (problem := checkpoint_problem(path)):
+                raise CheckpointError(f"--resume_from_checkpoint {path}: cannot resume, {problem}")
             return path
-        return latest_checkpoint(self.output_dir)
+        chosen = self._newest_intact_checkpoint() if self.dp.is_main else None
+        step = checkpoint_step(chosen) if chosen is not None else -1
+        if self.dp.world_size > 1:
+            from mindspore import Tensor
+
+            (agreed,) = self.dp.all_reduce_sum([Tensor(np.asarray([step + 1 if self.dp.is_main else 0], np.float32))])
+            step = int(agreed.asnumpy()[0]) - 1
+        return self.output_dir / f"{CHECKPOINT_PREFIX}{step}" if step >= 0 else None
+
+    def _newest_intact_checkpoint(self) -> Path | None:
+        for path in reversed(checkpoint_folders(self.output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            print(f"[train] warning: skipping {path}: {problem}; falling back to the previous checkpoint", flush=True)
+        return None
 
     # ----- evaluation --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
