@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import queue
+import signal
 import threading
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -86,8 +87,12 @@ _WORKER_DATASET = None
 
 
 def _init_worker(dataset) -> None:
+    """Hold the dataset; leave SIGINT/SIGTERM to the trainer, which stops at a step boundary (a Ctrl-C reaches
+    the whole process group), while a worker still ends with its parent (its task queue closes)."""
     global _WORKER_DATASET
     _WORKER_DATASET = dataset
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _load(dataset, index: int) -> tuple:

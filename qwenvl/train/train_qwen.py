@@ -2,13 +2,15 @@
 
 The flags are upstream's (`--help` lists them all). The model family comes from the checkpoint's
 `config.json`; models, tokenizers and processors load from local folders only. Ends with the full
-model (Hugging Face format, with processor files carrying the training pixel limits) in `output_dir`
-and a printed summary.
+model (Hugging Face format, with processor files carrying the training pixel limits) in `output_dir`,
+written atomically file by file with `train_summary.json` last, and a printed summary. SIGTERM/SIGINT
+stop at the next step boundary with a checkpoint and exit 143/130 (`qwenvl.train.graceful_stop`).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qwenvl.train.argument import parse_args  # noqa: E402
+from qwenvl.train.graceful_stop import StopSignals, exit_code  # noqa: E402
 
+SUMMARY_NAME = "train_summary.json"
 NOT_APPLICABLE = {"deepspeed": "DeepSpeed is not used; ZeRO-1 is --optim adamw_zero1_mindspore"}
 
 
@@ -52,18 +56,23 @@ def configure_trainable(model, model_args, training_args) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and train in graph mode (`qwenvl.runtime`), restoring the caller's mode afterwards."""
+    """Parse flags and train in graph mode (`qwenvl.runtime`), restoring the caller's mode and signal handlers."""
     from qwenvl.runtime import graph_mode, select_device
 
     model_args, data_args, training_args = parse_args(argv)
-    with graph_mode():
-        return _train(model_args, data_args, training_args, select_device())
+    stop = StopSignals().install()
+    try:
+        with graph_mode():
+            return _train(model_args, data_args, training_args, select_device(), stop)
+    finally:
+        stop.uninstall()
 
 
-def _train(model_args, data_args, training_args, device: str) -> int:
+def _train(model_args, data_args, training_args, device: str, stop: StopSignals) -> int:
 
     from qwenvl.data.pipeline import build_collator, build_dataset, build_encoder
     from qwenvl.model import load_model
+    from qwenvl.train.checkpoint import write_model_folder
     from qwenvl.train.distributed import init_distributed
     from qwenvl.train.model_files import HFModelFiles
     from qwenvl.train.train_step import seed_everything
@@ -85,20 +94,21 @@ def _train(model_args, data_args, training_args, device: str) -> int:
     if training_args.gradient_checkpointing:
         model.enable_recompute()
     files = HFModelFiles(model_dir, encoder.settings)
-    trainer = Trainer(model, training_args, dataset, collate, files, dp, eval_dataset=eval_dataset)
+    trainer = Trainer(model, training_args, dataset, collate, files, dp, eval_dataset=eval_dataset, stop=stop)
     if dp.is_main:
         for name, reason in NOT_APPLICABLE.items():
             if getattr(training_args, name):
                 print(f"[train] --{name} ignored: {reason}")
         print(f"[train] {model.model_type} from {model_dir} on {device} x{dp.world_size}; {len(dataset)} samples, "
               f"{trainer.total_steps} steps; trainable parameters per part {trainable}")  # fmt: skip
-    summary = trainer.train()
+    with stop.deferred():
+        summary = trainer.train()
+        if summary.stopped_by:  # the trainer wrote the checkpoint and said so
+            return exit_code(signal.Signals[summary.stopped_by])
+        if dp.is_main:
+            final = lambda folder: _final_files(folder, files, model, summary, training_args)  # noqa: E731
+            write_model_folder(training_args.output_dir, final, last=SUMMARY_NAME)
     if dp.is_main:
-        if not training_args.dry_run:
-            files.save(model, Path(training_args.output_dir))
-        (Path(training_args.output_dir) / "train_summary.json").write_text(
-            json.dumps(asdict(summary), indent=2), encoding="utf-8"
-        )
         print(
             f"[train] done: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}, "
             f"{summary.tokens} supervised tokens, {summary.skipped_steps} skipped steps, "
@@ -106,7 +116,18 @@ def _train(model_args, data_args, training_args, device: str) -> int:
             f"model saved to {training_args.output_dir}"
             + (f", last checkpoint {summary.last_checkpoint}" if summary.last_checkpoint else "")
         )
+    if stop.received is not None:
+        print(f"[train] {signal.Signals(stop.received).name} received at the end of training; the final model was "
+              "still saved completely", flush=True)  # fmt: skip
+        return exit_code(stop.received)
     return 0
+
+
+def _final_files(folder: Path, files, model, summary, training_args) -> None:
+    """The final model (not in a dry run) and `train_summary.json`, written into the temporary folder."""
+    if not training_args.dry_run:
+        files.save(model, folder)
+    (folder / SUMMARY_NAME).write_text(json.dumps(asdict(summary), indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

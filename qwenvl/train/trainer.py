@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from qwenvl.train.checkpoint import (
 )
 from qwenvl.train.data_loader import StepLoader, null_sample, total_steps
 from qwenvl.train.distributed import DataParallel
+from qwenvl.train.graceful_stop import StopSignals
 from qwenvl.train.optimizer import ZeRO1AdamW, build_optimizer
 from qwenvl.train.param_groups import build_param_groups
 from qwenvl.train.schedule import lr_factor, warmup_steps
@@ -67,6 +69,7 @@ class TrainSummary:
     bad_samples: list[str] = field(default_factory=list)
     last_checkpoint: str | None = None
     resumed_from: str | None = None
+    stopped_by: str | None = None  # the signal that stopped the run early ("SIGTERM", "SIGINT")
 
 
 def _interval(value: float, total: int) -> int:
@@ -87,6 +90,7 @@ class Trainer:
         dp: DataParallel | None = None,
         progress: bool = True,
         eval_dataset: Sequence | None = None,
+        stop: StopSignals | None = None,
     ) -> None:
         self.model = model
         self.model.set_train(True)
@@ -114,6 +118,7 @@ class Trainer:
         self.warmup = warmup_steps(self.total_steps, args.warmup_ratio, args.warmup_steps)
         self.state = TrainerState(max_steps=self.total_steps, data=self._position(0, 0))
         self.progress = progress
+        self.stop = stop or StopSignals()
 
     def _position(self, epoch: int, step_in_epoch: int) -> DataPosition:
         a = self.args
@@ -139,6 +144,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """`output_dir/checkpoint-N`, written atomically; returns it on the main rank."""
+        self.stop.reassert()
         step = self.state.global_step
         sharded = isinstance(self.optimizer, ZeRO1AdamW)
 
@@ -280,7 +286,32 @@ class Trainer:
             "memory": memory_stats(),
         }
 
+    def _agreed_stop(self) -> int | None:
+        """The stop signal if any rank received one (one all-reduce, so every rank stops at the same step)."""
+        self.stop.reassert()
+        local = self.stop.received
+        if self.dp.world_size == 1:
+            return local
+        from mindspore import Tensor
+
+        flags = np.asarray([local == signal.SIGTERM, local == signal.SIGINT], np.float32)
+        term, interrupt = self.dp.all_reduce_sum([Tensor(flags)])[0].asnumpy()
+        return signal.SIGTERM if term > 0 else signal.SIGINT if interrupt > 0 else None
+
+    def _announce_stop(self, signum: int, saved: Path | None) -> None:
+        """One line on the main rank, then a barrier: no rank exits (and gets the job killed) before it is out."""
+        if self.dp.is_main:
+            written = f"checkpoint {saved} written" if saved else "no checkpoint written"
+            print(f"[train] stopped by {signal.Signals(signum).name} after step {self.state.global_step} of "
+                  f"{self.total_steps}; {written}; run the same command again to resume", flush=True)  # fmt: skip
+        self._barrier()
+
     def train(self) -> TrainSummary:
+        """Train to the end, or to the step boundary after a SIGTERM/SIGINT (then with a checkpoint)."""
+        with self.stop.deferred():
+            return self._train()
+
+    def _train(self) -> TrainSummary:
         args = self.args
         saving = args.save_strategy != "no" and not args.dry_run
         if self.dp.is_main:
@@ -306,14 +337,18 @@ class Trainer:
         all_losses: list[float] = []
         step_seconds: list[float] = []
         last_saved: Path | None = None
+        start_step, saved_step, stopped = self.state.global_step, -1, None
         steps = self.loader.iterate(self.state.data.epoch, self.state.data.step_in_epoch)
         try:
             while self.state.global_step < self.total_steps:
+                if (stopped := self._agreed_stop()) is not None:
+                    break
                 loaded = next(steps)
                 self._bad_samples(loaded.bad, logger)
                 start = time.perf_counter()
                 inputs = [self.model.prepare_inputs(batch) for batch in loaded.micro_batches]
                 metrics = self.step_fn.run(inputs, self.lr_factor(self.state.global_step))
+                self.stop.reassert()  # a compiled step left MindSpore's SIGINT handler in place
                 elapsed = time.perf_counter() - start
                 self.state.global_step += 1
                 self.state.skipped_steps = self.step_fn.skipped_steps
@@ -345,10 +380,14 @@ class Trainer:
                 due = args.save_strategy == "steps" and self.state.global_step % save_every == 0
                 due = due or (args.save_strategy == "epoch" and epoch_done)
                 if saving and (due or self.state.global_step == self.total_steps):
-                    last_saved = self.save_checkpoint()
+                    last_saved, saved_step = self.save_checkpoint(), self.state.global_step
+            if stopped is not None and saving and self.state.global_step not in (start_step, saved_step):
+                last_saved = self.save_checkpoint()
         finally:
             steps.close()
             logger.close()
+        if stopped is not None:
+            self._announce_stop(stopped, last_saved)
         if args.dry_run and self.dp.is_main:
             print(f"[dry_run] {len(step_seconds)} steps, mean step {np.mean(step_seconds[1:] or step_seconds):.3f} s "
                   f"(first, with compilation, {step_seconds[0] if step_seconds else float('nan'):.3f} s), "
@@ -363,4 +402,5 @@ class Trainer:
             bad_samples=list(self.state.bad_samples),
             last_checkpoint=str(last_saved) if last_saved else None,
             resumed_from=str(resumed) if resumed else None,
+            stopped_by=signal.Signals(stopped).name if stopped is not None else None,
         )
