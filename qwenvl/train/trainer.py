@@ -103,7 +103,7 @@ class Trainer:
         self.output_dir = Path(args.output_dir)
         self.groups = build_param_groups(model, args)
         self.optimizer = build_optimizer(self.groups, args, self.dp)
-        self.step_fn = TrainStep(model, self.optimizer, args, self.dp)
+        self.step_fn = TrainStep(model, self.optimizer, args, self.dp, self._dropout_keys(model))
         self.loader = StepLoader(
             dataset,
             collate,
@@ -119,6 +119,14 @@ class Trainer:
         self.state = TrainerState(max_steps=self.total_steps, data=self._position(0, 0))
         self.progress = progress
         self.stop = stop or StopSignals()
+
+    def _dropout_keys(self, model: nn.Cell) -> Callable[[int], None] | None:
+        """Before each micro-batch, key the model's dropout (`model.dropout_key`, LoRA) by (seed, step, micro-batch,
+        rank): masks then depend only on what a checkpoint stores, so runs repeat and resume exactly."""
+        key = getattr(model, "dropout_key", None)
+        if key is None:
+            return None
+        return lambda index: key.set(self.args.seed, self.state.global_step, index, self.dp.rank)
 
     def _position(self, epoch: int, step_in_epoch: int) -> DataPosition:
         a = self.args
