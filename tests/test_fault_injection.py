@@ -49,7 +49,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
-def _run(tiny: Path, out: Path, fault: str = "none", *extra: str, signal_at: tuple[int, int] | None = None) -> tuple[int, str]:
+def _run(
+    tiny: Path, out: Path, fault: str = "none", *extra: str, signal_at: tuple[int, int] | None = None
+) -> tuple[int, str]:
     """(exit status, output) of one child run; `signal_at=(step, signum)` signals the child's process group
     (the trainer and its data workers, like Ctrl-C in a terminal or a scheduler) while it waits after `step`."""
     command = [sys.executable, str(ROOT / "tests" / "fault_child.py"), fault, "--", *_flags(tiny, out, *extra)]
@@ -174,8 +176,8 @@ def _msrun(tiny: Path, out: Path, logs: Path, fault: str) -> tuple[int, str]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    worker_logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(logs.glob("worker_*.log")))
-    return proc.returncode, worker_logs
+    tails = [f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(logs.glob("worker_*.log"))]
+    return proc.returncode, "\n".join(tails)
 
 
 def test_msrun_ranks_agree_on_a_signal_and_a_killed_worker_stops_the_job(tiny, tmp_path):

@@ -220,9 +220,9 @@ def _read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """The manifest's file table; ValueError when it is not one we wrote."""
     raw = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
     files = raw.get("files") if isinstance(raw, dict) else None
-    if not isinstance(files, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str) for v in files.values()
-    ):
+    entries = files.values() if isinstance(files, dict) else [None]
+    if not all(isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+               for e in entries):  # fmt: skip
         raise ValueError("no table of file sizes and checksums")
     return files
 

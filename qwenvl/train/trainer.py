@@ -4,7 +4,9 @@ Not the Hugging Face Trainer: one optimizer step is `TrainStep.run` (compiled fo
 micro-batch, token-weighted accumulation, data-parallel reduction, clipping, AdamW); this module
 decides what runs when. The data order is a pure function of (seed, epoch, rank, world), and a
 checkpoint stores weights, optimizer moments, RNG states and the data position, so a resumed run
-continues exactly where an uninterrupted one would be.
+continues exactly where an uninterrupted one would be. Resume verifies checkpoints against their
+manifests and falls back past damaged ones; a SIGTERM/SIGINT (`graceful_stop`) ends the run at the
+next step boundary with a checkpoint, every rank at the same step.
 """
 
 from __future__ import annotations
@@ -170,7 +172,9 @@ class Trainer:
             rng_file(folder, self.dp.rank).write_text(json.dumps(rng_state()), encoding="utf-8")
 
         try:
-            path = write_checkpoint(self.output_dir, step, shared_files, self.state, self.dp.is_main, self._barrier, rank_files)
+            path = write_checkpoint(
+                self.output_dir, step, shared_files, self.state, self.dp.is_main, self._barrier, rank_files
+            )
         except OSError as exc:
             raise CheckpointError(
                 f"cannot write {CHECKPOINT_PREFIX}{step} in {self.output_dir}: {exc.strerror or exc}; "
