@@ -10,8 +10,8 @@ so truncated, emptied, overwritten or bit-flipped files are found instead of loa
 doomed folder to a `.tmp-` name before deleting it, so a half-deleted folder never counts as complete.
 
 SHA-256 (hashlib, C, releases the GIL, files hashed in parallel threads) rather than the CRC-32C of
-`train_log.py`: that one is pure Python, megabytes per second, far too slow for multi-GB weights; and
-`sha256sum` can check a manifest by hand.
+`train_log.py`: that one is pure Python, megabytes per second, far too slow for multi-GB weights; and the
+digests are the ones `sha256sum` prints, so a manifest can be checked by hand.
 
 Contents: model weights + config (`save_model`), tokenizer and processor files, optimizer and
 loss-scale state (`optimizer.safetensors`, or one `optimizer-rank<r>.safetensors` per rank when the

@@ -50,7 +50,8 @@ class StopSignals:
 
     def uninstall(self) -> None:
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+            if previous is not None:  # None: a handler set outside Python, which cannot be put back from here
+                signal.signal(signum, previous)
         self._previous.clear()
 
     def reassert(self) -> None:
