@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import monitor  # noqa: E402
 
+from qwenvl.train.checkpoint import TrainerState, write_checkpoint  # noqa: E402
+
 
 def _train(step: int, loss, step_time: float) -> dict:
     return {
@@ -43,10 +45,8 @@ def run_dir(tmp_path) -> Path:
     text += "".join(json.dumps(r) + "\n" for r in (_train(30, 1.2, 1.4), _train(40, 1.0, 1.6)))
     text += '{"step": 50, "loss": 0.'  # the record being written right now
     (tmp_path / "train_log.jsonl").write_text(text)
-    for step in (10, 20):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        state = {"global_step": step, "max_steps": 100, "epoch": step / 50}
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(state))
+    for step in (10, 20):  # complete checkpoints: trainer state and manifest
+        write_checkpoint(tmp_path, step, lambda folder: None, TrainerState(global_step=step, max_steps=100, epoch=step / 50))
     (tmp_path / "checkpoint-30").mkdir()  # incomplete: no trainer_state.json
     return tmp_path
 

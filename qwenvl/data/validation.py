@@ -7,6 +7,8 @@ message are, by construction, what training will do with the same flags.
 
 from __future__ import annotations
 
+import signal
+
 from dataclasses import dataclass, field
 
 from qwenvl.data.dataset import EncodedSample, SupervisedDataset
@@ -55,9 +57,13 @@ _WORKER_DATASET: SupervisedDataset | None = None
 
 
 def init_worker(dataset: SupervisedDataset) -> None:
-    """Process-pool initializer: the dataset travels once per worker, not once per item."""
+    """Process-pool initializer: the dataset travels once per worker, not once per item. SIGINT/SIGTERM are
+    left to the parent, which stops at a step boundary (a Ctrl-C reaches the whole process group); a worker
+    still ends with its parent (its task queue closes)."""
     global _WORKER_DATASET
     _WORKER_DATASET = dataset
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def load_item_in_worker(index: int) -> EncodedSample | SampleError:

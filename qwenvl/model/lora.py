@@ -7,6 +7,9 @@ a = sqrt(5), B zero, so training starts from the base model). Targets are module
 model (`q_proj`, ...) and optionally the vision attention (`qkv`, `proj` inside `model.visual.blocks`);
 upstream's PEFT call could adapt only the LLM.
 
+Dropout on the adapter input is a pure function of a key, so runs are reproducible and a resumed run draws
+exactly the masks the uninterrupted one would (see `dropout_mask` and `DropoutKey`).
+
 The adapter folder is what `peft.PeftModel.from_pretrained` reads: `adapter_config.json` (a regex
 `target_modules` naming exactly the adapted modules) and `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight`. Merging (W + scale * B A) is `merge_lora`.
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from qwenvl.model.layers import Linear, MatrixLayer, parameter_dtype
@@ -31,6 +35,58 @@ NON_LORA_FILE = "non_lora_trainables.safetensors"
 VISION_TARGETS = ("qkv", "proj")
 _LLM_PREFIX = "model.language_model.layers."
 _VISION_PREFIX = "model.visual.blocks."
+# lowbias32 (Chris Wellons' hash-prospector): multipliers as int32, and masks turning arithmetic shifts logical
+_MUL1, _MUL2 = 0x7FEB352D, 0x846CA68B - 2**32
+_KEEP_BITS = 24
+
+
+def _i32(value: int) -> Tensor:
+    return Tensor(value, ms.int32)
+
+
+def _lowbias32(x):
+    """A 32-bit integer hash with good avalanche, in wrapping int32 arithmetic (the same bits as uint32)."""
+    x = ops.bitwise_xor(x, ops.bitwise_and(ops.bitwise_right_shift(x, _i32(16)), _i32(0xFFFF)))
+    x = x * _i32(_MUL1)
+    x = ops.bitwise_xor(x, ops.bitwise_and(ops.bitwise_right_shift(x, _i32(15)), _i32(0x1FFFF)))
+    x = x * _i32(_MUL2)
+    return ops.bitwise_xor(x, ops.bitwise_and(ops.bitwise_right_shift(x, _i32(16)), _i32(0xFFFF)))
+
+
+def dropout_mask(x, key, salt: int, p: float):
+    """Dropout multipliers for `x` (0 or 1 / (1 - p)), a pure function of (key, salt, element index).
+
+    Counter-based: element i keeps when the low 24 bits of lowbias32(lowbias32(i ^ key[0]) ^ key[1] ^ salt)
+    reach p * 2**24. Nothing is stateful, so the mask is the same in a recomputed forward (gradient
+    checkpointing) and in a resumed run, on any backend with int32 arithmetic. MindSpore's `nn.Dropout`
+    keeps a hidden per-kernel state instead, which neither a checkpoint nor a restart can reproduce.
+    """
+    index = ops.arange(0, x.size, dtype=ms.int32).reshape(x.shape)
+    mixed = _lowbias32(ops.bitwise_xor(index, key[0]))
+    bits = _lowbias32(ops.bitwise_xor(mixed, ops.bitwise_xor(key[1], _i32(salt))))
+    keep = ops.bitwise_and(bits, _i32((1 << _KEEP_BITS) - 1)) >= _i32(round(p * 2**_KEEP_BITS))
+    return ops.cast(keep, x.dtype) * (1.0 / (1.0 - p))
+
+
+class DropoutKey:
+    """The key every dropout in the compiled step draws from: one int32 pair in a non-trained Parameter.
+
+    The trainer sets it before each micro-batch from (seed, global step, micro-batch, rank), all saved in
+    a checkpoint, so the masks depend on nothing else; `ops.assign` orders the update with the compiled
+    steps on the device queue.
+    """
+
+    def __init__(self) -> None:
+        self.param = Parameter(Tensor(np.zeros(2, np.int32)), name="lora_dropout_key", requires_grad=False)
+
+    @staticmethod
+    def words(seed: int, step: int, micro_batch: int, rank: int) -> np.ndarray:
+        """Two well-mixed int32 words for one (seed, step, micro-batch, rank) (numpy's SeedSequence hashing)."""
+        entropy = [seed % 2**32, step, micro_batch, rank]
+        return np.random.SeedSequence(entropy).generate_state(2, np.uint32).view(np.int32)
+
+    def set(self, seed: int, step: int, micro_batch: int, rank: int) -> None:
+        ops.assign(self.param, Tensor(self.words(seed, step, micro_batch, rank)))
 
 
 @dataclass(frozen=True)
@@ -48,9 +104,15 @@ class LoraSettings:
 
 class LoraLinear(MatrixLayer):
     """A `Linear` plus a low-rank update; `weight`/`bias` are the base layer's own parameters (and its weight
-    source, if any); the adapters are stored in the base weight's dtype."""
+    source, if any); the adapters are stored in the base weight's dtype.
 
-    def __init__(self, base: Linear, settings: LoraSettings, rng: np.random.Generator) -> None:
+    With dropout, the key Parameter is shared by every adapted module; `salt` (from the module's position)
+    makes their masks differ.
+    """
+
+    def __init__(
+        self, base: Linear, settings: LoraSettings, rng: np.random.Generator, key: DropoutKey, position: int = 0
+    ) -> None:
         d_out, d_in = base.weight_shape
         super().__init__(d_in, d_out)
         self.weight = base.weight
@@ -66,12 +128,17 @@ class LoraLinear(MatrixLayer):
         bound = 1.0 / math.sqrt(d_in)
         self.lora_A.weight.set_data(Tensor(rng.uniform(-bound, bound, (settings.r, d_in)), base.weight.dtype))
         self.lora_B.weight.set_data(Tensor(np.zeros((d_out, settings.r)), base.weight.dtype))
-        self.dropout = nn.Dropout(p=settings.dropout) if settings.dropout > 0 else None
+        self.p = float(settings.dropout)
+        self.dropout_key = key
+        self.lora_dropout_key = key.param if self.p > 0 else None
+        self.salt = int(DropoutKey.words(position, 0, 0, 0)[0])
         self.scaling = settings.scaling
 
     def construct(self, x):
         y = super().construct(x)
-        h = self.dropout(x) if self.dropout is not None else x
+        h = x
+        if self.training and self.lora_dropout_key is not None:
+            h = x * dropout_mask(x, self.lora_dropout_key, self.salt, self.p)
         return y + self.lora_B(self.lora_A(h)) * self.scaling
 
 
@@ -88,11 +155,14 @@ def apply_lora(model: nn.Cell, settings: LoraSettings, seed: int = 0) -> list[st
     targets = [(name, cell) for name, cell in model.cells_and_names() if isinstance(cell, Linear) and _is_target(name, settings)]
     if not targets:
         raise ValueError(f"LoRA target modules {settings.target_modules} match no Linear layer of the model")
-    for name, cell in targets:
+    key = DropoutKey()
+    for position, (name, cell) in enumerate(targets):
         parent_name, _, attr = name.rpartition(".")
-        setattr(_sub_cell(model, parent_name), attr, LoraLinear(cell, settings, rng))
+        setattr(_sub_cell(model, parent_name), attr, LoraLinear(cell, settings, rng, key, position))
     for full_name, param in model.parameters_and_names():
         param.name = full_name
+    if settings.dropout > 0:
+        model.dropout_key = key
     model.lora_settings = settings
     model.lora_modules = [name for name, _ in targets]
     return model.lora_modules

@@ -2,8 +2,9 @@
 
 The flags are upstream's (`--help` lists them all). The model family comes from the checkpoint's
 `config.json`; models, tokenizers and processors load from local folders only. Ends with the full
-model (Hugging Face format, with processor files carrying the training pixel limits) in `output_dir`
-and a printed summary.
+model (Hugging Face format, with processor files carrying the training pixel limits) in `output_dir`,
+written atomically file by file with `train_summary.json` last, and a printed summary. SIGTERM/SIGINT
+stop at the next step boundary with a checkpoint and exit 143/130 (`qwenvl.train.graceful_stop`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import asdict, replace
@@ -20,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qwenvl.errors import FlagError  # noqa: E402
 from qwenvl.train.argument import parse_args_with_notes  # noqa: E402
+from qwenvl.train.graceful_stop import StopSignals, exit_code  # noqa: E402
+
+SUMMARY_NAME = "train_summary.json"
 
 
 def compute_dtype(training_args, device: str = "Ascend") -> str:
@@ -60,15 +65,18 @@ def configure_trainable(model, model_args, training_args) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse and validate flags, train in graph mode (`qwenvl.runtime`), restore the caller's mode afterwards.
+    """Parse and validate flags, train in graph mode (`qwenvl.runtime`), restore the caller's mode and signal
+    handlers afterwards.
 
-    A user error (bad flag, bad sample, bad dataset or registry, missing model folder, a rerun that
-    conflicts with the checkpoint it would resume) is one `[train] error:` line on stderr and exit code 2;
-    any other exception is a bug and keeps its traceback.
+    A user error (bad flag, bad sample, bad dataset or registry, missing model folder, a damaged checkpoint
+    named by --resume_from_checkpoint, a rerun that conflicts with the checkpoint it would resume) is one
+    `[train] error:` line on stderr and exit code 2; any other exception is a bug and keeps its traceback.
+    SIGTERM/SIGINT stop at the next step boundary with a checkpoint and exit 143/130.
     """
     from qwenvl.errors import UserError
     from qwenvl.train.validation import validate_flags
 
+    stop = StopSignals().install()
     try:
         model_args, data_args, training_args, notes = parse_args_with_notes(argv)
         validate_flags(model_args, data_args, training_args)
@@ -80,21 +88,25 @@ def main(argv: list[str] | None = None) -> int:
             device = select_device()
             dtype = compute_dtype(training_args, device)
             if not training_args.dry_run:
-                return _train(model_args, data_args, training_args, device, dtype, notes)
+                return _train(model_args, data_args, training_args, device, dtype, notes, stop)
             # a dry run writes nothing where a real run lives: its log goes to a folder deleted afterwards
             scratch = tempfile.mkdtemp(prefix="qwenvl-dry-run-")
             try:
-                return _train(model_args, data_args, replace(training_args, output_dir=scratch), device, dtype, notes)
+                dry = replace(training_args, output_dir=scratch)
+                return _train(model_args, data_args, dry, device, dtype, notes, stop)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     except UserError as exc:
         print(f"[train] error: {exc.one_line()}", file=sys.stderr)
         return 2
+    finally:
+        stop.uninstall()
 
 
-def _train(model_args, data_args, training_args, device: str, dtype: str, notes: list[str]) -> int:
+def _train(model_args, data_args, training_args, device: str, dtype: str, notes: list[str], stop: StopSignals) -> int:
     from qwenvl.data.pipeline import build_collator, build_dataset, build_encoder
     from qwenvl.model import load_model
+    from qwenvl.train.checkpoint import write_model_folder
     from qwenvl.train.distributed import init_distributed
     from qwenvl.train.model_files import HFModelFiles
     from qwenvl.train.run_record import WithRunArgs, json_safe, run_args, write_run_args
@@ -123,20 +135,27 @@ def _train(model_args, data_args, training_args, device: str, dtype: str, notes:
     record = run_args(model_args, data_args, training_args, world_size=dp.world_size)
     files = WithRunArgs(HFModelFiles(model_dir, encoder.settings), record)
     trainer = Trainer(model, training_args, dataset, collate, files, dp, progress=not training_args.disable_tqdm,
-                      eval_dataset=eval_dataset)  # fmt: skip
+                      eval_dataset=eval_dataset, stop=stop)  # fmt: skip
     trainer.run_record = record
     if dp.is_main:
         print(f"[train] {model.model_type} from {model_dir} on {device} x{dp.world_size}; {len(dataset)} samples, "
               f"{trainer.total_steps} steps; trainable parameters per part {trainable}")  # fmt: skip
     finished = trainer.finished_checkpoint()
-    if finished is not None and (output_dir / "train_summary.json").is_file():
+    if finished is not None and (output_dir / SUMMARY_NAME).is_file():
         if dp.is_main:
             print(f"[train] nothing to do: {output_dir} already holds this run, finished at step {trainer.total_steps} "
                   f"({finished.name}); pass --overwrite_output_dir True to train it again")  # fmt: skip
         return 0
     if dp.is_main and not training_args.dry_run:
         write_run_args(output_dir, record)
-    summary = json_safe(asdict(trainer.train()))
+    with stop.deferred():
+        outcome = trainer.train()
+        if outcome.stopped_by:  # the trainer wrote the checkpoint and said so
+            return exit_code(signal.Signals[outcome.stopped_by])
+        summary = json_safe(asdict(outcome))
+        if dp.is_main and not training_args.dry_run:
+            final = lambda folder: _final_files(folder, files, model, summary)  # noqa: E731
+            write_model_folder(output_dir, final, last=SUMMARY_NAME)
     if not dp.is_main:
         return 0
     result = (f"[train] done: {summary['steps']} steps, loss {_number(summary['first_loss'], '.4f')} -> "
@@ -146,11 +165,19 @@ def _train(model_args, data_args, training_args, device: str, dtype: str, notes:
     if training_args.dry_run:
         print(f"{result}; dry run: nothing saved (no checkpoint, no model, no logs)")
         return 0
-    files.save(model, output_dir)
-    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
     print(f"{result}; model saved to {output_dir}"
           + (f", last checkpoint {summary['last_checkpoint']}" if summary["last_checkpoint"] else ""))  # fmt: skip
+    if stop.received is not None:
+        print(f"[train] {signal.Signals(stop.received).name} received at the end of training; the final model was "
+              "still saved completely", flush=True)  # fmt: skip
+        return exit_code(stop.received)
     return 0
+
+
+def _final_files(folder: Path, files, model, summary: dict) -> None:
+    """The final model and `train_summary.json` (valid JSON: null for undefined numbers), into the temp folder."""
+    files.save(model, folder)
+    (folder / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import inspect
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import mindspore as ms
 import numpy as np
@@ -121,8 +121,12 @@ class TrainStep:
     `micro_batches` are `model.prepare_inputs(...)` dicts; every rank must pass the same number of them.
     """
 
-    def __init__(self, model: nn.Cell, optimizer: AdamW, args, dp: DataParallel | None = None) -> None:
+    def __init__(
+        self, model: nn.Cell, optimizer: AdamW, args, dp: DataParallel | None = None,
+        before_micro_batch: Callable[[int], None] | None = None,
+    ) -> None:  # fmt: skip
         self.model = model
+        self.before_micro_batch = before_micro_batch  # called with each micro-batch's index (dropout keys)
         self.optimizer = optimizer
         self.dp = dp or DataParallel()
         self.loss_scale = DynamicLossScale() if getattr(args, "fp16", False) else None
@@ -149,7 +153,9 @@ class TrainStep:
             raise ValueError("a step needs at least one micro-batch")
         scale = self.loss_scale.scale if self.loss_scale else 1.0
         grads, losses, counts = None, [], []
-        for inputs in micro_batches:
+        for index, inputs in enumerate(micro_batches):
+            if self.before_micro_batch is not None:
+                self.before_micro_batch(index)
             loss_sum, n_tokens, micro_grads = self.forward_backward(inputs, scale)
             grads = micro_grads if grads is None else _accumulate(ms.mutable(grads), ms.mutable(micro_grads))
             losses.append(loss_sum)

@@ -4,13 +4,16 @@ Not the Hugging Face Trainer: one optimizer step is `TrainStep.run` (compiled fo
 micro-batch, token-weighted accumulation, data-parallel reduction, clipping, AdamW); this module
 decides what runs when. The data order is a pure function of (seed, epoch, rank, world), and a
 checkpoint stores weights, optimizer moments, RNG states and the data position, so a resumed run
-continues exactly where an uninterrupted one would be.
+continues exactly where an uninterrupted one would be. Resume verifies checkpoints against their
+manifests and falls back past damaged ones; a SIGTERM/SIGINT (`graceful_stop`) ends the run at the
+next step boundary with a checkpoint, every rank at the same step.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +24,14 @@ from mindspore import nn
 
 from qwenvl.data.errors import SampleError
 from qwenvl.train.checkpoint import (
+    CHECKPOINT_PREFIX,
+    CheckpointError,
     DataPosition,
     ShardedArrays,
     TrainerState,
-    latest_checkpoint,
+    checkpoint_folders,
+    checkpoint_problem,
+    checkpoint_step,
     optimizer_files,
     read_trainer_state,
     remove_partial_checkpoints,
@@ -38,6 +45,7 @@ from qwenvl.train.checkpoint import (
 from qwenvl.errors import FlagError
 from qwenvl.train.data_loader import StepLoader, null_sample, total_steps
 from qwenvl.train.distributed import DataParallel
+from qwenvl.train.graceful_stop import StopSignals
 from qwenvl.train.optimizer import ZeRO1AdamW, build_optimizer
 from qwenvl.train.param_groups import build_param_groups
 from qwenvl.train.run_record import ResumeConflict, clear_previous_run, conflict_message, resume_conflicts, run_args
@@ -65,6 +73,7 @@ class TrainSummary:
     bad_samples: list[str] = field(default_factory=list)
     last_checkpoint: str | None = None
     resumed_from: str | None = None
+    stopped_by: str | None = None  # the signal that stopped the run early ("SIGTERM", "SIGINT")
 
 
 def _interval(value: float, total: int) -> int:
@@ -85,6 +94,7 @@ class Trainer:
         dp: DataParallel | None = None,
         progress: bool = True,
         eval_dataset: Sequence | None = None,
+        stop: StopSignals | None = None,
     ) -> None:
         self.model = model
         self.model.set_train(True)
@@ -97,7 +107,7 @@ class Trainer:
         self.output_dir = Path(args.output_dir)
         self.groups = build_param_groups(model, args)
         self.optimizer = build_optimizer(self.groups, args, self.dp)
-        self.step_fn = TrainStep(model, self.optimizer, args, self.dp)
+        self.step_fn = TrainStep(model, self.optimizer, args, self.dp, self._dropout_keys(model))
         self.loader = StepLoader(
             dataset,
             collate,
@@ -113,6 +123,15 @@ class Trainer:
         self.schedule = schedule_options(args.lr_scheduler_type, args.lr_scheduler_kwargs, args.learning_rate)
         self.state = TrainerState(max_steps=self.total_steps, data=self._position(0, 0))
         self.progress = progress
+        self.stop = stop or StopSignals()
+
+    def _dropout_keys(self, model: nn.Cell) -> Callable[[int], None] | None:
+        """Before each micro-batch, key the model's dropout (`model.dropout_key`, LoRA) by (seed, step, micro-batch,
+        rank): masks then depend only on what a checkpoint stores, so runs repeat and resume exactly."""
+        key = getattr(model, "dropout_key", None)
+        if key is None:
+            return None
+        return lambda index: key.set(self.args.seed, self.state.global_step, index, self.dp.rank)
 
     def _position(self, epoch: int, step_in_epoch: int) -> DataPosition:
         a = self.args
@@ -138,6 +157,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """`output_dir/checkpoint-N`, written atomically; returns it on the main rank."""
+        self.stop.reassert()
         step = self.state.global_step
         sharded = isinstance(self.optimizer, ZeRO1AdamW)
 
@@ -154,7 +174,15 @@ class Trainer:
                 save_arrays(folder / f"optimizer-rank{self.dp.rank}.safetensors", self.step_fn.state_dict())
             rng_file(folder, self.dp.rank).write_text(json.dumps(rng_state()), encoding="utf-8")
 
-        path = write_checkpoint(self.output_dir, step, shared_files, self.state, self.dp.is_main, self._barrier, rank_files)
+        try:
+            path = write_checkpoint(
+                self.output_dir, step, shared_files, self.state, self.dp.is_main, self._barrier, rank_files
+            )
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write {CHECKPOINT_PREFIX}{step} in {self.output_dir}: {exc.strerror or exc}; "
+                "the earlier checkpoints are kept"
+            ) from exc
         if self.dp.is_main:
             rotate_checkpoints(self.output_dir, self.args.save_total_limit)
         return path
@@ -174,9 +202,17 @@ class Trainer:
             restore_rng_state(json.loads(rng.read_text(encoding="utf-8")))
 
     def _find_resume(self) -> Path | None:
-        """The checkpoint to continue: `--resume_from_checkpoint`, else the latest in output_dir, unless
-        `--overwrite_output_dir` (then output_dir's earlier checkpoints and logs are deleted). A checkpoint
-        whose run had another data order or schedule is a `ResumeConflict` naming the flags."""
+        """The checkpoint to continue: `--resume_from_checkpoint` (a damaged one is an error), else the newest
+        intact checkpoint of output_dir, verified against its manifest on the main rank and agreed by all
+        ranks (each newer damaged one is passed over with a one-line warning), unless `--overwrite_output_dir`
+        (then output_dir's earlier checkpoints and logs are deleted). A checkpoint whose run had another data
+        order or schedule is a `ResumeConflict` naming the flags. Decided once per run (verification reads
+        every file)."""
+        if not hasattr(self, "_resume_choice"):
+            self._resume_choice = self._choose_resume()
+        return self._resume_choice
+
+    def _choose_resume(self) -> Path | None:
         args = self.args
         if args.overwrite_output_dir:
             if args.resume_from_checkpoint:
@@ -188,16 +224,34 @@ class Trainer:
             return None
         if args.resume_from_checkpoint:
             path = Path(args.resume_from_checkpoint)
-            if not (path / "trainer_state.json").is_file():
-                raise FlagError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
+            if self.dp.is_main and (problem := checkpoint_problem(path)):
+                raise CheckpointError(f"--resume_from_checkpoint {path}: cannot resume, {problem}")
         else:
-            path = latest_checkpoint(self.output_dir)
+            path = self._agreed_intact_checkpoint()
         if path is not None:
             current = {**run_args(args, world_size=self.dp.world_size), **(self.run_record or {})}
             conflicts = resume_conflicts(path, current, self.total_steps, len(self.loader.dataset))
             if conflicts:
                 raise ResumeConflict(conflict_message(self.output_dir, path, conflicts))
         return path
+
+    def _agreed_intact_checkpoint(self) -> Path | None:
+        chosen = self._newest_intact_checkpoint() if self.dp.is_main else None
+        step = checkpoint_step(chosen) if chosen is not None else -1
+        if self.dp.world_size > 1:
+            from mindspore import Tensor
+
+            (agreed,) = self.dp.all_reduce_sum([Tensor(np.asarray([step + 1 if self.dp.is_main else 0], np.float32))])
+            step = int(agreed.asnumpy()[0]) - 1
+        return self.output_dir / f"{CHECKPOINT_PREFIX}{step}" if step >= 0 else None
+
+    def _newest_intact_checkpoint(self) -> Path | None:
+        for path in reversed(checkpoint_folders(self.output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            print(f"[train] warning: skipping {path}: {problem}; falling back to the previous checkpoint", flush=True)
+        return None
 
     def finished_checkpoint(self) -> Path | None:
         """The checkpoint a rerun would resume when it already holds every step: nothing is left to train."""
@@ -270,7 +324,32 @@ class Trainer:
             "memory": memory_stats(),
         }
 
+    def _agreed_stop(self) -> int | None:
+        """The stop signal if any rank received one (one all-reduce, so every rank stops at the same step)."""
+        self.stop.reassert()
+        local = self.stop.received
+        if self.dp.world_size == 1:
+            return local
+        from mindspore import Tensor
+
+        flags = np.asarray([local == signal.SIGTERM, local == signal.SIGINT], np.float32)
+        term, interrupt = self.dp.all_reduce_sum([Tensor(flags)])[0].asnumpy()
+        return signal.SIGTERM if term > 0 else signal.SIGINT if interrupt > 0 else None
+
+    def _announce_stop(self, signum: int, saved: Path | None) -> None:
+        """One line on the main rank, then a barrier: no rank exits (and gets the job killed) before it is out."""
+        if self.dp.is_main:
+            written = f"checkpoint {saved} written" if saved else "no checkpoint written"
+            print(f"[train] stopped by {signal.Signals(signum).name} after step {self.state.global_step} of "
+                  f"{self.total_steps}; {written}; run the same command again to resume", flush=True)  # fmt: skip
+        self._barrier()
+
     def train(self) -> TrainSummary:
+        """Train to the end, or to the step boundary after a SIGTERM/SIGINT (then with a checkpoint)."""
+        with self.stop.deferred():
+            return self._train()
+
+    def _train(self) -> TrainSummary:
         args = self.args
         saving = args.save_strategy != "no" and not args.dry_run
         if self.dp.is_main:
@@ -296,14 +375,18 @@ class Trainer:
         all_losses: list[float] = []
         step_seconds: list[float] = []
         last_saved: Path | None = None
+        start_step, saved_step, stopped = self.state.global_step, -1, None
         steps = self.loader.iterate(self.state.data.epoch, self.state.data.step_in_epoch)
         try:
             while self.state.global_step < self.total_steps:
+                if (stopped := self._agreed_stop()) is not None:
+                    break
                 loaded = next(steps)
                 self._bad_samples(loaded.bad, logger)
                 start = time.perf_counter()
                 inputs = [self.model.prepare_inputs(batch) for batch in loaded.micro_batches]
                 metrics = self.step_fn.run(inputs, self.lr_factor(self.state.global_step))
+                self.stop.reassert()  # a compiled step left MindSpore's SIGINT handler in place
                 elapsed = time.perf_counter() - start
                 self.state.global_step += 1
                 self.state.skipped_steps = self.step_fn.skipped_steps
@@ -335,10 +418,14 @@ class Trainer:
                 due = args.save_strategy == "steps" and self.state.global_step % save_every == 0
                 due = due or (args.save_strategy == "epoch" and epoch_done)
                 if saving and (due or self.state.global_step == self.total_steps):
-                    last_saved = self.save_checkpoint()
+                    last_saved, saved_step = self.save_checkpoint(), self.state.global_step
+            if stopped is not None and saving and self.state.global_step not in (start_step, saved_step):
+                last_saved = self.save_checkpoint()
         finally:
             steps.close()
             logger.close()
+        if stopped is not None:
+            self._announce_stop(stopped, last_saved)
         if args.dry_run and self.dp.is_main:
             print(f"[dry_run] {len(step_seconds)} steps, mean step {np.mean(step_seconds[1:] or step_seconds):.3f} s "
                   f"(first, with compilation, {step_seconds[0] if step_seconds else float('nan'):.3f} s), "
@@ -353,4 +440,5 @@ class Trainer:
             bad_samples=list(self.state.bad_samples),
             last_checkpoint=str(last_saved) if last_saved else None,
             resumed_from=str(resumed) if resumed else None,
+            stopped_by=signal.Signals(stopped).name if stopped is not None else None,
         )
