@@ -36,7 +36,7 @@ def _fake_checkpoints(out: Path, steps: tuple[int, ...]) -> None:
 def test_resume_passes_over_a_damaged_latest_checkpoint(tmp_path, kind, capsys):
     _fake_checkpoints(tmp_path, (2, 4, 6))
     _damage(kind, tmp_path / "checkpoint-6")
-    assert _trainer(tmp_path)._find_resume() == tmp_path / "checkpoint-4"
+    assert _trainer(tmp_path)._agreed_intact_checkpoint() == tmp_path / "checkpoint-4"
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"[train] warning: skipping {tmp_path / 'checkpoint-6'}: ")
     assert DAMAGE[kind] in lines[0] and lines[0].endswith("falling back to the previous checkpoint")
@@ -46,7 +46,7 @@ def test_every_checkpoint_damaged_means_a_fresh_start_with_a_warning_each(tmp_pa
     _fake_checkpoints(tmp_path, (2, 4))
     _damage("one flipped bit", tmp_path / "checkpoint-4")
     _damage("missing optimizer", tmp_path / "checkpoint-2")
-    assert _trainer(tmp_path)._find_resume() is None
+    assert _trainer(tmp_path)._agreed_intact_checkpoint() is None
     out = capsys.readouterr().out
     assert "checkpoint-4: model.safetensors does not match" in out and "checkpoint-2: optimizer.safetensors is missing" in out
 

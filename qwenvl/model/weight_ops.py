@@ -20,6 +20,7 @@ from typing import Sequence
 
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.ops import constexpr
 
 MATMUL_NT = ops.MatMul(transpose_b=True)
 _MM_NN = ops.MatMul()
@@ -57,8 +58,10 @@ class HalfOnCPU(WeightSource):
         return ops.cast(dw, stored.dtype).reshape(stored.shape)
 
 
+@constexpr
 def matmul_dtype(dtype: ms.Type) -> ms.Type:
-    """The dtype a matmul runs in: the input's, except half precision on CPU, which runs in float32."""
+    """The dtype a matmul runs in: the input's, except half precision on CPU, which runs in float32
+    (a compile-time constant inside graphs)."""
     if dtype != ms.float32 and ms.get_context("device_target") == "CPU":
         return ms.float32
     return dtype
