@@ -128,9 +128,9 @@ def main(argv: list[str]) -> int:
     if not rank:
         install(fault, output_dir)
     else:  # a rank is known once the process group is up: install then, on that rank only
-        from qwenvl.train import distributed
+        from qwenvl.parallel import world
 
-        init = distributed.init_distributed
+        init = world.init_distributed
 
         def init_then_install():
             dp = init()
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
                 install(fault, output_dir)
             return dp
 
-        distributed.init_distributed = init_then_install
+        world.init_distributed = init_then_install
     from qwenvl.train.train_qwen import main as train_main
 
     return train_main(flags)

@@ -15,7 +15,6 @@ import pytest
 
 from qwenvl.train.checkpoint import (
     DataPosition,
-    ShardedArrays,
     TrainerState,
     CheckpointError,
     checkpoint_problem,
@@ -27,7 +26,6 @@ from qwenvl.train.checkpoint import (
     restore_rng_state,
     rng_state,
     rotate_checkpoints,
-    save_arrays,
     write_checkpoint,
     write_model_folder,
 )
@@ -294,16 +292,10 @@ def test_rng_state_round_trips_through_json():
     assert _draws() == expected
 
 
-def test_sharded_arrays_view_every_rank_file(tmp_path):
-    save_arrays(tmp_path / "optimizer-rank0.safetensors", {"exp_avg.a": np.arange(3, dtype=np.float32), "step": np.asarray(4)})
-    save_arrays(tmp_path / "optimizer-rank1.safetensors", {"exp_avg.b": np.ones((2, 2), np.float32), "step": np.asarray(4)})
-    save_arrays(tmp_path / "optimizer.safetensors", {"exp_avg.c": np.zeros(1, np.float32)})
-    files = optimizer_files(tmp_path)
-    assert [f.name for f in files] == ["optimizer.safetensors", "optimizer-rank0.safetensors", "optimizer-rank1.safetensors"]
-    view = ShardedArrays(files[1:])
-    assert sorted(view) == ["exp_avg.a", "exp_avg.b", "step"] and len(view) == 3
-    np.testing.assert_array_equal(view["exp_avg.a"], np.arange(3, dtype=np.float32))
-    np.testing.assert_array_equal(view["exp_avg.b"], np.ones((2, 2), np.float32))
-    assert int(view["step"]) == 4
-    with pytest.raises(KeyError):
-        view["exp_avg.c"]
+def test_optimizer_files_lists_the_single_file_and_every_rank_file(tmp_path):
+    for name in ("optimizer-rank1.safetensors", "optimizer.safetensors", "optimizer-rank0.safetensors", "other.bin"):
+        (tmp_path / name).write_bytes(b"x")
+    names = [f.name for f in optimizer_files(tmp_path)]
+    assert names == ["optimizer.safetensors", "optimizer-rank0.safetensors", "optimizer-rank1.safetensors"]
+
+

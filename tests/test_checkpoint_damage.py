@@ -98,23 +98,23 @@ def test_falling_back_resumes_exactly(uninterrupted, tmp_path, capsys):
 def test_a_full_disk_keeps_the_earlier_checkpoints_and_the_restart_resumes_exactly(uninterrupted, tmp_path, monkeypatch):
     """ENOSPC simulated in-process: the optimizer writer of checkpoint-4 writes part of the file, then fails."""
     _, want = uninterrupted
-    real_save = trainer_module.save_arrays
+    real_save = trainer_module.save_optimizer_state
 
-    def full_disk(path, arrays):
+    def full_disk(path, arrays, metadata):
         step = int(Path(path).parent.name.rsplit("-", 1)[1])
         if step == 4:
             Path(path).write_bytes(b"\0" * 100)
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(path, arrays)
+        real_save(path, arrays, metadata)
 
-    monkeypatch.setattr(trainer_module, "save_arrays", full_disk)
+    monkeypatch.setattr(trainer_module, "save_optimizer_state", full_disk)
     with pytest.raises(CheckpointError) as caught:
         _train(tmp_path, "--max_steps", "6", "--save_steps", "2")
     assert str(caught.value) == (f"cannot write checkpoint-4 in {tmp_path}: No space left on device; "
                                  "the earlier checkpoints are kept")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "train_log.jsonl"]  # no temp folder
     assert checkpoint_problem(tmp_path / "checkpoint-2") is None
-    monkeypatch.setattr(trainer_module, "save_arrays", real_save)
+    monkeypatch.setattr(trainer_module, "save_optimizer_state", real_save)
     trainer, summary = _train(tmp_path, "--max_steps", "6", "--save_steps", "2", seed=1)
     assert summary.resumed_from == str(tmp_path / "checkpoint-2")
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from qwenvl.train.checkpoint import checkpoint_folders, checkpoint_problem, complete_checkpoints
+from tests.msrun import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -156,16 +156,10 @@ def test_signals_stop_at_a_step_boundary_with_a_checkpoint_and_resume_exactly(ti
     _assert_same_weights(out / "model.safetensors", reference)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _msrun(tiny: Path, out: Path, logs: Path, fault: str) -> tuple[int, str]:
     msrun = Path(sys.executable).with_name("msrun")
     env = {**_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    command = [str(msrun), "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}", "--join=True",
+    command = [str(msrun), "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", "--join=True",
                f"--log_dir={logs}", "python", str(ROOT / "tests" / "fault_child.py"), fault, "--",
                *_flags(tiny, out, "--per_device_train_batch_size", "1")]  # fmt: skip
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

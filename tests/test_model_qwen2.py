@@ -18,7 +18,7 @@ import pytest
 
 from qwenvl.data.rope2d import get_rope_index_2, get_rope_index_25
 from qwenvl.model import build_model, load_model, named_parameters, save_model
-from qwenvl.model.checkpoint_io import iter_safetensors, write_safetensors
+from qwenvl.model.checkpoint_io import TensorPlan, iter_safetensors, write_safetensors
 from tests.hf_reference import ReferenceJob, reference_outputs
 from tools.make_tiny_model import tiny_config
 
@@ -246,8 +246,9 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
 
 def test_sharded_checkpoint_with_memory_names_round_trips(setup, tmp_path):
     """A sharded checkpoint using 4.57 in-memory names loads too, and gives the same logits."""
-    params = named_parameters(setup.model)
-    write_safetensors(((n, p.asnumpy()) for n, p in params.items()), tmp_path, max_shard_size=200_000)
+    params = list(named_parameters(setup.model).items())
+    plans = [TensorPlan(n, tuple(p.shape), "F32") for n, p in params]
+    write_safetensors(plans, lambda i: params[i][1].asnumpy(), tmp_path, max_shard_size=200_000)
     (tmp_path / "config.json").write_text(json.dumps(setup.model.config), encoding="utf-8")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     loaded = load_model(tmp_path)
@@ -271,7 +272,9 @@ def test_load_reports_missing_unexpected_and_mismatched(setup, tmp_path):
     arrays.pop("model.language_model.norm.weight")
     arrays["model.extra.weight"] = np.zeros(2, np.float32)
     arrays["lm_head.weight"] = arrays["lm_head.weight"][:, :8].copy()
-    write_safetensors(iter(arrays.items()), tmp_path, max_shard_size=2**40)
+    items = list(arrays.items())
+    plans = [TensorPlan(n, a.shape, "F32") for n, a in items]
+    write_safetensors(plans, lambda i: items[i][1], tmp_path, max_shard_size=2**40)
     (tmp_path / "config.json").write_text(json.dumps(setup.model.config), encoding="utf-8")
     with pytest.raises(ValueError) as error:
         load_model(tmp_path)

@@ -1,15 +1,19 @@
-"""AdamW against a numpy transcription of torch.optim.AdamW's update, ZeRO-1 against the unsharded update."""
+"""The fused AdamW against a numpy transcription of torch.optim.AdamW, float16 masters, and optimizer state
+files of any ZeRO layout (ranks' chunks joined, legacy whole-tensor files) loading into any other."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Parameter, Tensor, ops
+from mindspore import Parameter, Tensor
 
-from qwenvl.train.distributed import DataParallel
-from qwenvl.train.optimizer import AdamW, ZeRO1AdamW, assign_shards, build_optimizer
+from qwenvl.parallel.layout import ShardSpec
+from qwenvl.parallel.world import DataParallel
+from qwenvl.parallel.zero import ZeroConfig, ZeroPartition
+from qwenvl.train.optimizer import AdamW, OptimizerState, build_optimizer, save_optimizer_state
 from qwenvl.train.param_groups import ParamGroup
 
 BETAS = (0.9, 0.95)
@@ -17,6 +21,7 @@ EPS = 1e-8
 SHAPES = {"a.weight": (4, 3), "a.bias": (3,), "b.weight": (5, 2), "b.bias": (7,), "c.norm": (6,)}
 GROUPS = [("decay", ["a.weight", "b.weight"], 1e-2, 0.1), ("no_decay", ["a.bias", "b.bias", "c.norm"], 3e-3, 0.0)]
 LR_FACTORS = [0.25, 1.0, 0.5, 0.8, 0.1]
+COEFS = [1.0, 0.5, 2.0, 0.25, 1.0]  # gradient unscaling / clipping factors folded into the update
 
 
 def _initial() -> dict[str, np.ndarray]:
@@ -29,24 +34,24 @@ def _grads(steps: int) -> list[dict[str, np.ndarray]]:
     return [{name: rng.normal(0, 1, shape).astype(np.float32) for name, shape in SHAPES.items()} for _ in range(steps)]
 
 
-def _groups(values: dict[str, np.ndarray]) -> tuple[list[ParamGroup], dict[str, Parameter]]:
-    params = {name: Parameter(Tensor(value.copy()), name=name) for name, value in values.items()}
+def _optimizer(values: dict[str, np.ndarray], dtype=ms.float32) -> tuple[AdamW, dict[str, Parameter]]:
+    params = {name: Parameter(Tensor(value.copy(), dtype), name=name) for name, value in values.items()}
     groups = [ParamGroup(g, [params[n] for n in names], lr, wd) for g, names, lr, wd in GROUPS]
-    return groups, params
+    return AdamW(ZeroPartition.build(groups, DataParallel(), ZeroConfig()), BETAS, EPS), params
 
 
-def _torch_adamw(values: dict[str, np.ndarray], grads: list[dict[str, np.ndarray]], factors: list[float], groups=GROUPS) -> dict[str, np.ndarray]:
-    """torch.optim.AdamW (amsgrad=False, maximize=False) in float64, each group's LR scaled by the factor."""
+def _torch_adamw(values, grads, factors, coefs, groups=GROUPS) -> dict[str, np.ndarray]:
+    """torch.optim.AdamW (amsgrad=False, maximize=False) in float64 on grads * coef, each group's LR scaled."""
     beta1, beta2 = BETAS
     p = {n: v.astype(np.float64) for n, v in values.items()}
     m = {n: np.zeros_like(v) for n, v in p.items()}
     v2 = {n: np.zeros_like(v) for n, v in p.items()}
     hyper = {n: (lr, wd) for _, names, lr, wd in groups for n in names}
-    for t, (grad, factor) in enumerate(zip(grads, factors), start=1):
+    for t, (grad, factor, coef) in enumerate(zip(grads, factors, coefs), start=1):
         for n in p:
             lr, wd = hyper[n]
             lr = lr * factor
-            g = grad[n].astype(np.float64)
+            g = grad[n].astype(np.float64) * coef
             p[n] = p[n] * (1 - lr * wd)
             m[n] = beta1 * m[n] + (1 - beta1) * g
             v2[n] = beta2 * v2[n] + (1 - beta2) * g * g
@@ -56,12 +61,12 @@ def _torch_adamw(values: dict[str, np.ndarray], grads: list[dict[str, np.ndarray
     return p
 
 
-def _step(opt: AdamW, grad: dict[str, np.ndarray], factor: float) -> None:
-    opt.step([Tensor(grad[p.name]) for p in opt.parameters], factor)
+def _step(opt: AdamW, grad: dict[str, np.ndarray], factor: float, coef: float = 1.0) -> None:
+    opt.step([Tensor(grad[p.name], p.dtype) for p in opt.parameters], coef, factor)
 
 
 def _values(params: dict[str, Parameter]) -> dict[str, np.ndarray]:
-    return {n: p.asnumpy() for n, p in params.items()}
+    return {n: p.asnumpy().astype(np.float32) for n, p in params.items()}
 
 
 def _assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], atol: float = 1e-6) -> None:
@@ -70,135 +75,132 @@ def _assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], atol:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=atol, err_msg=name)
 
 
-def test_adamw_matches_torch_formula_over_steps():
+def test_fused_adamw_matches_torch_formula_over_steps():
     init, grads = _initial(), _grads(len(LR_FACTORS))
-    groups, params = _groups(init)
-    opt = AdamW(groups, BETAS, EPS)
+    opt, params = _optimizer(init)
+    for grad, factor, coef in zip(grads, LR_FACTORS, COEFS):
+        _step(opt, grad, factor, coef)
+    assert opt.step_count == len(LR_FACTORS)
+    assert all(m is p for m, p in zip(opt.masters, opt.parameters))  # float32 weights are their own masters
+    want = _torch_adamw(init, grads, LR_FACTORS, COEFS)
+    _assert_close(_values(params), want)
+    # the tolerance is fine enough to see the decoupled decay (lr * wd * |p| per step) and the coefficients
+    undecayed = _torch_adamw(init, grads, LR_FACTORS, COEFS, [(g, n, lr, 0.0) for g, n, lr, _ in GROUPS])
+    assert all(np.abs(want[n] - undecayed[n]).max() > 1e-4 for n in GROUPS[0][1])
+    uncoefficiented = _torch_adamw(init, grads, LR_FACTORS, [1.0] * len(COEFS))
+    assert max(np.abs(want[n] - uncoefficiented[n]).max() for n in SHAPES) > 1e-4
+
+
+def test_half_precision_weights_follow_float32_masters():
+    """float16 weights are updated through float32 masters: after many steps they hold the masters rounded,
+    which follow the float32 run, where updating float16 weights directly would lose the small steps."""
+    init, grads = _initial(), _grads(len(LR_FACTORS))
+    opt, params = _optimizer(init, ms.float16)
+    assert all(m.dtype == ms.float32 and m is not p for m, p in zip(opt.masters, opt.parameters))
     for grad, factor in zip(grads, LR_FACTORS):
         _step(opt, grad, factor)
-    assert opt.step_count == len(LR_FACTORS)
-    want = _torch_adamw(init, grads, LR_FACTORS)
-    _assert_close(_values(params), want)
-    # the tolerance is fine enough to see the decoupled decay (lr * wd * |p| per step)
-    undecayed = _torch_adamw(init, grads, LR_FACTORS, [(g, n, lr, 0.0) for g, n, lr, _ in GROUPS])
-    assert all(np.abs(want[n] - undecayed[n]).max() > 1e-4 for n in GROUPS[0][1])
+    half = [{n: g.astype(np.float16).astype(np.float32) for n, g in grad.items()} for grad in grads]  # as passed
+    want = _torch_adamw({n: v.astype(np.float16).astype(np.float32) for n, v in init.items()}, half, LR_FACTORS,
+                        [1.0] * len(LR_FACTORS))  # fmt: skip
+    _assert_close({m.name.removeprefix("master."): m.asnumpy() for m in opt.masters}, want, atol=2e-6)
+    for name, value in _values(params).items():
+        np.testing.assert_array_equal(value, want[name].astype(np.float16).astype(np.float32), err_msg=name)
 
 
-def test_adamw_rejects_wrong_gradient_count_and_duplicates():
-    groups, params = _groups(_initial())
-    opt = AdamW(groups, BETAS, EPS)
+def test_rejects_wrong_gradient_count_duplicates_and_unknown_optim():
+    opt, params = _optimizer(_initial())
     with pytest.raises(ValueError, match="gradients"):
-        opt.step([Tensor(np.zeros(SHAPES["a.weight"], np.float32))], 1.0)
+        opt.step([Tensor(np.zeros(SHAPES["a.weight"], np.float32))], 1.0, 1.0)
+    groups = [ParamGroup("a", [params["a.weight"]], 1e-3, 0.0), ParamGroup("again", [params["a.weight"]], 1e-3, 0.0)]
     with pytest.raises(ValueError, match="twice"):
-        AdamW([groups[0], ParamGroup("again", [params["a.weight"]], 1e-3, 0.0)])
+        AdamW(ZeroPartition.build(groups, DataParallel(), ZeroConfig()))
+    args = SimpleNamespace(optim="sgd", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+    with pytest.raises(ValueError, match="unknown --optim"):
+        build_optimizer(groups[:1], args)
 
 
-def test_adamw_state_dict_round_trip_continues_identically():
+def _saved(opt: AdamW, path) -> OptimizerState:
+    state, metadata = opt.state_dict()
+    save_optimizer_state(path, state, metadata)
+    return OptimizerState([path])
+
+
+def test_state_round_trip_continues_identically(tmp_path):
     init, grads = _initial(), _grads(len(LR_FACTORS))
-    groups, params = _groups(init)
-    opt = AdamW(groups, BETAS, EPS)
+    opt, params = _optimizer(init)
     for grad, factor in zip(grads[:2], LR_FACTORS[:2]):
         _step(opt, grad, factor)
-    state = {k: v.copy() for k, v in opt.state_dict().items()}
-    assert int(state["step"]) == 2
-    assert {k for k in state if k != "step"} == {f"{m}.{n}" for m in ("exp_avg", "exp_avg_sq") for n in SHAPES}
-
-    resumed_groups, resumed_params = _groups(_values(params))
-    resumed = AdamW(resumed_groups, BETAS, EPS)
+    state = _saved(opt, tmp_path / "optimizer-rank0.safetensors")
+    assert state.world == 1 and int(state.scalar("step")) == 2
+    resumed, resumed_params = _optimizer(_values(params))
     resumed.load_state_dict(state)
     for grad, factor in zip(grads[2:], LR_FACTORS[2:]):
         _step(opt, grad, factor)
         _step(resumed, grad, factor)
-    got = _values(resumed_params)
     for name, value in _values(params).items():
-        np.testing.assert_array_equal(got[name], value, err_msg=name)
-    _assert_close(got, _torch_adamw(init, grads, LR_FACTORS))
+        np.testing.assert_array_equal(_values(resumed_params)[name], value, err_msg=name)
+    _assert_close(_values(resumed_params), _torch_adamw(init, grads, LR_FACTORS, [1.0] * len(LR_FACTORS)))
 
 
-def test_adamw_load_state_dict_checks_names_and_shapes():
-    groups, _ = _groups(_initial())
-    opt = AdamW(groups, BETAS, EPS)
-    state = opt.state_dict()
-    with pytest.raises(KeyError, match="exp_avg.a.weight"):
-        opt.load_state_dict({k: v for k, v in state.items() if k != "exp_avg.a.weight"})
-    with pytest.raises(ValueError, match="shape"):
-        opt.load_state_dict({**state, "exp_avg.a.weight": np.zeros((3, 4), np.float32)})
-
-
-def test_assign_shards_balances_largest_first():
-    # 10 -> r0; 9 -> r1; 4 -> r1 (13); 3 -> r0 (13); 1 -> tie, lower rank r0
-    assert assign_shards([4, 10, 1, 9, 3], 2) == [[1, 2, 4], [0, 3]]
-    owned = assign_shards([1] * 5, 3)
-    assert sorted(i for r in owned for i in r) == list(range(5))
-
-
-def _zero_pair(init: dict[str, np.ndarray]):
-    """Two ranks' optimizers over two replicas of the same parameters."""
-    replicas = [_groups(init) for _ in range(2)]
-    opts = [ZeRO1AdamW(groups, DataParallel(rank, 2), BETAS, EPS) for rank, (groups, _) in enumerate(replicas)]
-    return opts, [params for _, params in replicas]
-
-
-def _zero_step(opts: list[ZeRO1AdamW], grad: dict[str, np.ndarray], factor: float, monkeypatch) -> None:
-    """rank 0 calls step(); its all_gather runs rank 1's update and concatenates the shards in rank order."""
-    gathered = {}
-
-    def all_gather(dp: DataParallel, shard):
-        assert dp.rank == 0 and dp.world_size == 2
-        other = opts[1].update_shard([Tensor(grad[p.name]) for p in opts[1].parameters], factor)
-        assert other.shape == shard.shape
-        gathered["buffer"] = ops.cat([shard, other])
-        return gathered["buffer"]
-
-    monkeypatch.setattr(DataParallel, "all_gather", all_gather)
-    _step(opts[0], grad, factor)
-    opts[1].apply_gathered(gathered["buffer"])
-
-
-def test_zero1_two_ranks_equal_unsharded(monkeypatch):
+def test_chunks_saved_by_two_ranks_join_into_a_world_of_one(tmp_path):
+    """A stage 1-3 run of two ranks saves each parameter's moments as two chunks (`ShardSpec` layout): a
+    world of one (or another stage) rebuilds the whole tensors and continues from them."""
     init, grads = _initial(), _grads(len(LR_FACTORS))
-    opts, replicas = _zero_pair(init)
-    assert all(opts[0].owned) and all(opts[1].owned)
-    assert opts[0].owned == opts[1].owned
-    for grad, factor in zip(grads, LR_FACTORS):
-        _zero_step(opts, grad, factor, monkeypatch)
-    want = _torch_adamw(init, grads, LR_FACTORS)
-    for params in replicas:
-        _assert_close(_values(params), want)
-    # each rank keeps moments only for the parameters it owns; together they cover every parameter
-    keys = [set(opt.state_dict()) - {"step"} for opt in opts]
-    assert not keys[0] & keys[1]
-    owned_names = [{opts[0].parameters[i].name for i in opts[0].owned[r]} for r in range(2)]
-    for rank in range(2):
-        assert keys[rank] == {f"{m}.{n}" for m in ("exp_avg", "exp_avg_sq") for n in owned_names[rank]}
-
-
-def test_zero1_shards_resume_into_plain_adamw(monkeypatch):
-    """The ranks' state dicts merged (as ShardedArrays does) resume an unsharded run identically."""
-    init, grads = _initial(), _grads(len(LR_FACTORS))
-    opts, replicas = _zero_pair(init)
+    opt, params = _optimizer(init)
     for grad, factor in zip(grads[:3], LR_FACTORS[:3]):
-        _zero_step(opts, grad, factor, monkeypatch)
-    merged = {**opts[0].state_dict(), **opts[1].state_dict()}
-    groups, params = _groups(_values(replicas[0]))
-    plain = AdamW(groups, BETAS, EPS)
-    plain.load_state_dict(merged)
-    assert plain.step_count == 3
-    for grad, factor in zip(grads[3:], LR_FACTORS[3:]):
-        _step(plain, grad, factor)
-    _assert_close(_values(params), _torch_adamw(init, grads, LR_FACTORS))
+        _step(opt, grad, factor)
+    whole, _ = opt.state_dict()
+    for rank in range(2):
+        chunked = {"step": whole["step"]}
+        for key, value in whole.items():
+            if key != "step":
+                chunked[key] = ShardSpec(value.shape, 2, rank).take(value)
+        save_optimizer_state(tmp_path / f"optimizer-rank{rank}.safetensors", chunked,
+                             {"zero_world": "2", "zero_rank": str(rank)})  # fmt: skip
+    state = OptimizerState([tmp_path / f"optimizer-rank{r}.safetensors" for r in (1, 0)])
+    assert state.world == 2
+    np.testing.assert_array_equal(state.full("exp_avg.b.bias", ShardSpec((7,), 2, 0)), whole["exp_avg.b.bias"])
+    resumed, resumed_params = _optimizer(_values(params))
+    resumed.load_state_dict(state)
+    _step(opt, grads[3], LR_FACTORS[3])
+    _step(resumed, grads[3], LR_FACTORS[3])
+    for name, value in _values(params).items():
+        np.testing.assert_array_equal(_values(resumed_params)[name], value, err_msg=name)
+    # this rank's share of a two-rank layout, from the whole tensor of a world-of-one file
+    one = _saved(opt, tmp_path / "whole.safetensors")
+    spec = ShardSpec((5, 2), 2, 1)
+    moment = next(m for m in opt.exp_avg if m.name == "exp_avg.b.weight").asnumpy()
+    np.testing.assert_array_equal(spec.take(one.full("exp_avg.b.weight", spec)), moment.reshape(-1)[5:])
 
 
-def _args(optim: str) -> SimpleNamespace:
-    return SimpleNamespace(optim=optim, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-6)
+def test_state_files_are_checked(tmp_path):
+    opt, _ = _optimizer(_initial())
+    state, metadata = opt.state_dict()
+    save_optimizer_state(tmp_path / "r0.safetensors", state, {"zero_world": "2", "zero_rank": "0"})
+    with pytest.raises(ValueError, match="saved by 2 ranks but 1 files"):
+        OptimizerState([tmp_path / "r0.safetensors"])
+    save_optimizer_state(tmp_path / "w1.safetensors", state, metadata)
+    with pytest.raises(ValueError, match="mixed layouts"):
+        OptimizerState([tmp_path / "r0.safetensors", tmp_path / "w1.safetensors"])
+    partial = {k: v for k, v in state.items() if k != "exp_avg.a.weight"}
+    save_optimizer_state(tmp_path / "partial.safetensors", partial, metadata)
+    with pytest.raises(KeyError, match="exp_avg.a.weight"):
+        opt.load_state_dict(OptimizerState([tmp_path / "partial.safetensors"]))
+    save_optimizer_state(tmp_path / "shape.safetensors", {**state, "exp_avg.a.weight": np.zeros(5, np.float32)}, metadata)
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(OptimizerState([tmp_path / "shape.safetensors"]))
 
 
-def test_build_optimizer_by_name():
-    groups, _ = _groups(_initial())
-    for name in ("adamw_mindspore", "adamw_torch"):
-        opt = build_optimizer(groups, _args(name))
-        assert type(opt) is AdamW and opt.betas == (0.8, 0.9) and opt.eps == 1e-6
-    zero = build_optimizer(groups, _args("adamw_zero1_mindspore"), DataParallel(1, 2))
-    assert isinstance(zero, ZeRO1AdamW) and zero.dp.rank == 1
-    with pytest.raises(ValueError, match="unknown --optim"):
-        build_optimizer(groups, _args("sgd"))
+def test_legacy_whole_parameter_files_load(tmp_path):
+    """Files of earlier versions (no layout metadata; ZeRO-1 gave each rank whole parameters) still resume."""
+    opt, _ = _optimizer(_initial())
+    _step(opt, _grads(1)[0], 1.0)
+    state, _ = opt.state_dict()
+    names = sorted(k for k in state if k != "step")
+    save_optimizer_state(tmp_path / "optimizer-rank0.safetensors", {"step": state["step"], **{k: state[k] for k in names[:4]}}, {})
+    save_optimizer_state(tmp_path / "optimizer-rank1.safetensors", {"step": state["step"], **{k: state[k] for k in names[4:]}}, {})
+    fresh, _ = _optimizer(_initial())
+    fresh.load_state_dict(OptimizerState(sorted(tmp_path.glob("*.safetensors"))))
+    got, _ = fresh.state_dict()
+    for key in names:
+        np.testing.assert_array_equal(got[key], state[key], err_msg=key)

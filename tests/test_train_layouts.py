@@ -66,7 +66,7 @@ def test_padded_flattened_and_packed_steps_are_equal(tiny):
             np.testing.assert_allclose(grads[name], value, rtol=1e-4, atol=1e-5 * np.abs(value).max(), err_msg=name)
 
 
-def test_fp16_compute_keeps_float32_master_weights(tiny):
+def test_fp16_weights_train_through_float32_masters(tiny):
     samples, pad = _samples(tiny)
     batch = collate_padded(samples, pad)
     reference, ref_grads, _ = _step(tiny, batch)
@@ -83,7 +83,11 @@ def test_fp16_compute_keeps_float32_master_weights(tiny):
     assert history[first_ok].loss_scale == 2.0**16 / 2**first_ok
     assert history[first_ok].loss == pytest.approx(reference.loss, rel=0.03)  # same maths at lower precision
     assert step.optimizer.step_count == sum(not m.skipped for m in history)
-    assert all(str(p.dtype) == "Float32" for p in model.get_parameters())
+    # weights are stored in float16; the optimizer's float32 masters drive them
+    assert all(str(p.dtype) == "Float16" for p in model.get_parameters())
+    assert all(str(m.dtype) == "Float32" for m in step.optimizer.masters)
+    for master, param in zip(step.optimizer.masters, step.optimizer.parameters):
+        np.testing.assert_array_equal(param.asnumpy(), master.asnumpy().astype(np.float16), err_msg=param.name)
 
 
 def test_bf16_on_cpu_is_a_clear_error(tiny):

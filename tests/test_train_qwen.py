@@ -20,6 +20,7 @@ from qwenvl.data.pipeline import build_encoder
 from qwenvl.model import load_model
 from qwenvl.train.train_qwen import main
 from tests.hf_child import run_child
+from tests.msrun import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -92,14 +93,6 @@ def test_output_folder_has_processor_files_with_training_limits(runs):
     assert json.loads((runs["resumed"] / "train_summary.json").read_text())["resumed_from"].endswith("checkpoint-3")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_msrun_workers_equal_one_process_with_accumulation(tiny_model_factory, tmp_path):
     """2 ranks x micro-batch 2 see the same global batch as 1 rank x 2 micro-batches of 2 (rank r takes every
     2nd index of one seeded permutation), and both use ZeRO-1 on 2 ranks vs plain AdamW: same final weights."""
@@ -109,7 +102,7 @@ def test_two_msrun_workers_equal_one_process_with_accumulation(tiny_model_factor
     flags = ["--max_steps", "4", "--save_steps", "4", "--dataset_use", "demo_images%25"]
     assert main(_flags(tiny, tmp_path / "one", *flags, "--gradient_accumulation_steps", "2")) == 0
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GLOG_v": "3",
-           "NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port()), "LOG_DIR": str(tmp_path / "logs")}  # fmt: skip
+           "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), "LOG_DIR": str(tmp_path / "logs")}  # fmt: skip
     cmd = ["bash", str(ROOT / "scripts/launch_msrun.sh"), *_flags(tiny, tmp_path / "two", *flags, "--optim", "adamw_zero1_mindspore")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
     assert proc.returncode == 0, (tmp_path / "logs" / "worker_0.log").read_text()[-3000:]

@@ -13,7 +13,7 @@ import pytest
 from mindspore import ops
 
 from qwenvl.constants import IGNORE_INDEX
-from qwenvl.train.optimizer import AdamW
+from qwenvl.train.optimizer import OptimizerState, build_optimizer, save_optimizer_state
 from qwenvl.train.param_groups import ParamGroup
 from qwenvl.train.train_step import DynamicLossScale, TrainStep, seed_everything
 from tests.toy_batches import CFG, collate, samples
@@ -23,7 +23,8 @@ from tests.toy_model import ToyVLForConditionalGeneration
 def trainer(max_grad_norm: float = 0.0, lr: float = 1e-2, eps: float = 1e-3, fp16: bool = False, **cfg):
     model = ToyVLForConditionalGeneration(replace(CFG, **cfg))
     params = list(model.trainable_params())
-    optimizer = AdamW([ParamGroup("all", params, lr, 0.0)], eps=eps)
+    optimizer = build_optimizer([ParamGroup("all", params, lr, 0.0)], SimpleNamespace(
+        optim="adamw_mindspore", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=eps))
     step = TrainStep(model, optimizer, SimpleNamespace(max_grad_norm=max_grad_norm, fp16=fp16))
     return model, step
 
@@ -107,7 +108,7 @@ def test_nan_loss_step_is_skipped_and_counted():
     assert "non-finite" in metrics.skip_reason and math.isnan(metrics.loss)
     for name, value in weights(model).items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
-    assert int(step.state_dict()["skipped_steps"]) == 1
+    assert int(step.state_dict()[0]["skipped_steps"]) == 1
 
     good = step.run([model.prepare_inputs(collate(samples(2)))], 1.0)
     assert not good.skipped and math.isfinite(good.loss) and step.optimizer.step_count == 1
@@ -134,7 +135,7 @@ def test_fp16_overflow_halves_scale_and_skips():
     assert step.loss_scale.scale == 2.0**15 == metrics.loss_scale
     for name, value in weights(model).items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
-    assert float(step.state_dict()["loss_scale"]) == 2.0**15
+    assert float(step.state_dict()[0]["loss_scale"]) == 2.0**15
 
     # a real batch: the scale keeps halving while scaled fp16 gradients overflow, then the step is taken
     # with its gradients unscaled (norm equal to the float32 model's)
@@ -160,12 +161,12 @@ def test_dynamic_loss_scale_schedule():
     assert scale.scale == 8.0 and scale.good_steps == 0
 
 
-def test_train_step_state_round_trip():
+def test_train_step_state_round_trip(tmp_path):
     model, step = trainer(fp16=True, dtype="float16")
     step.loss_scale.scale, step.loss_scale.good_steps, step.skipped_steps = 1024.0, 7, 3
-    state = step.state_dict()
+    save_optimizer_state(tmp_path / "optimizer-rank0.safetensors", *step.state_dict())
     _, fresh = trainer(fp16=True, dtype="float16")
-    fresh.load_state_dict(state)
+    fresh.load_state_dict(OptimizerState([tmp_path / "optimizer-rank0.safetensors"]))
     assert (fresh.loss_scale.scale, fresh.loss_scale.good_steps, fresh.skipped_steps) == (1024.0, 7, 3)
 
 

@@ -29,7 +29,8 @@ PROCESSOR_FILES = (
 
 def merge_checkpoint(base: Path, adapter: Path, out: Path, max_shard_size: int = 5 * 2**30) -> dict[str, int]:
     """Write the merged checkpoint; returns counts of merged and replaced tensors."""
-    from qwenvl.model.checkpoint_io import checkpoint_files, iter_safetensors, to_disk_name, to_memory_name, write_safetensors
+    from qwenvl.model.checkpoint_io import (TensorPlan, checkpoint_files, iter_safetensors, safetensors_tag, to_disk_name,
+                                            to_memory_name, write_safetensors)  # fmt: skip
     from qwenvl.model.lora import merged_weights
 
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
@@ -37,7 +38,9 @@ def merge_checkpoint(base: Path, adapter: Path, out: Path, max_shard_size: int =
     merged, n_modules, replaced = merged_weights(weights, adapter)
     out.mkdir(parents=True, exist_ok=True)
     model_type = config["model_type"]
-    write_safetensors(((to_disk_name(n, model_type), a) for n, a in merged.items()), out, max_shard_size)
+    items = list(merged.items())
+    plans = [TensorPlan(to_disk_name(n, model_type), a.shape, safetensors_tag(a.dtype.name)) for n, a in items]
+    write_safetensors(plans, lambda i: items[i][1], out, max_shard_size)
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     for name in PROCESSOR_FILES:
         source = adapter / name if (adapter / name).is_file() else base / name

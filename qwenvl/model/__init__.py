@@ -16,8 +16,10 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from qwenvl.model.checkpoint_io import (
+    TensorPlan,
     checkpoint_files,
     iter_safetensors,
+    safetensors_tag,
     to_disk_name,
     to_memory_name,
     write_safetensors,
@@ -94,20 +96,38 @@ def _is_tied(model: nn.Cell) -> bool:
     return model.lm_head.weight is model.model.language_model.embed_tokens.weight
 
 
+def build_empty(config: dict | str | Path, dtype: str = "float32") -> nn.Cell:
+    """The model with its parameters allocated lazily, to be filled by `load_weights` (after freezing,
+    LoRA and ZeRO-3 sharding have decided what each parameter holds, so no rank needs a whole copy)."""
+    return _instantiate(read_config(config), dtype)
+
+
 def load_model(model_dir: str | Path, dtype: str = "float32") -> nn.Cell:
     """Model from a checkpoint folder, streaming tensors into parameters; legacy and 4.57 names both accepted.
 
     ValueError naming missing, unexpected or shape-mismatched tensors.
     """
-    model = _instantiate(read_config(model_dir), dtype)
+    model = build_empty(model_dir, dtype)
     load_weights(model, model_dir)
     return model
 
 
+def _base_parameters(model: nn.Cell) -> dict:
+    """The parameters a Hugging Face checkpoint holds: LoRA adapters and their dropout key left out."""
+    return {name: p for name, p in named_parameters(model).items() if ".lora_" not in name}
+
+
+def _sharded(model: nn.Cell):
+    """`model.zero3` when ZeRO-3 sharded its weights (`qwenvl.parallel.zero3.shard_weights`), else None."""
+    return getattr(model, "zero3", None)
+
+
 def load_weights(model: nn.Cell, model_dir: str | Path) -> None:
-    """Stream a checkpoint folder's tensors into an existing model (resume keeps the same Parameter objects)."""
+    """Stream a checkpoint folder's tensors into an existing model (resume keeps the same Parameter objects),
+    each converted to its parameter's dtype; a ZeRO-3 sharded parameter takes only this rank's chunk."""
     model_dir = Path(model_dir)
-    params = named_parameters(model)
+    placement = _sharded(model).specs if _sharded(model) else {}
+    params = _base_parameters(model)
     optional = {"lm_head.weight"} if _is_tied(model) else set()
     loaded, unexpected, mismatched = set(), [], []
     for path in checkpoint_files(model_dir):
@@ -118,10 +138,13 @@ def load_weights(model: nn.Cell, model_dir: str | Path) -> None:
             if name not in params:
                 unexpected.append(disk_name)
                 continue
-            if tuple(array.shape) != tuple(params[name].shape):
-                mismatched.append(f"{disk_name}: checkpoint {tuple(array.shape)} vs model {tuple(params[name].shape)}")
+            spec = placement.get(name)
+            expected = spec.shape if spec else tuple(params[name].shape)
+            if tuple(array.shape) != tuple(expected):
+                mismatched.append(f"{disk_name}: checkpoint {tuple(array.shape)} vs model {tuple(expected)}")
                 continue
-            params[name].set_data(Tensor(np.ascontiguousarray(array)))
+            value = spec.take(array) if spec else np.ascontiguousarray(array)
+            params[name].set_data(Tensor(value, params[name].dtype))
             loaded.add(name)
     missing = sorted(set(params) - loaded)
     problems = [f"{label} ({len(items)}): {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}"
@@ -131,11 +154,25 @@ def load_weights(model: nn.Cell, model_dir: str | Path) -> None:
         raise ValueError(f"checkpoint {model_dir} does not match {type(model).__name__}: " + "; ".join(problems))
 
 
-def save_model(model: nn.Cell, out_dir: str | Path, max_shard_size: int = 5 * 2**30) -> None:
-    """config.json + safetensors (float32) with the tensor names transformers 4.57 `save_pretrained` writes."""
+def save_model(model: nn.Cell, out_dir: str | Path, max_shard_size: int = 5 * 2**30, write: bool = True) -> None:
+    """config.json + safetensors in the model's dtype, with the tensor names transformers 4.57 writes.
+
+    Tensors stream one at a time. ZeRO-3 chunks are gathered whole, a collective: then every rank calls
+    `save_model` on the same model and only the one with `write` writes.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.config, indent=2), encoding="utf-8")
-    model_type = model.model_type
-    tensors = ((to_disk_name(name, model_type), param.asnumpy()) for name, param in named_parameters(model).items())
-    write_safetensors(tensors, out, max_shard_size)
+    sharded = _sharded(model)
+    specs = sharded.specs if sharded else {}
+    params = list(_base_parameters(model).items())
+    dtype = str(model.compute_dtype).lower()
+    plans = [TensorPlan(to_disk_name(name, model.model_type), tuple(specs[name].shape if name in specs else p.shape),
+                        safetensors_tag(dtype if name in specs else str(p.dtype))) for name, p in params]  # fmt: skip
+
+    def read(i: int) -> np.ndarray:
+        name, param = params[i]
+        return sharded.gather(name, param) if name in specs else param.asnumpy()
+
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({**model.config, "torch_dtype": dtype}, indent=2), encoding="utf-8")
+    write_safetensors(plans, read, out if write else None, max_shard_size)

@@ -1,7 +1,9 @@
 """Safetensors checkpoints in Hugging Face layout, read and written one tensor at a time.
 
 Reading parses the safetensors header and reads one tensor at a time, so bfloat16 checkpoints (which the
-safetensors numpy API cannot return) load as float32 and the RAM peak stays near one model copy.
+safetensors numpy API cannot return) load as float32 and the RAM peak stays near one tensor. Writing
+builds each file's header from the tensors' shapes and dtypes first, then streams their bytes, so no
+more than one tensor (one ZeRO-3 gather) is held at a time.
 
 Names: our parameters carry the transformers 4.57 in-memory names (`model.visual.*`,
 `model.language_model.*`, `lm_head.weight`). Qwen2-VL and Qwen2.5-VL checkpoints on disk use the legacy
@@ -12,13 +14,14 @@ names (`visual.*`, `model.*`), which 4.57's `save_pretrained` still writes (it r
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from safetensors.numpy import save_file
 
 LEGACY_NAME_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 INDEX_FILE = "model.safetensors.index.json"
@@ -90,36 +93,82 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def _write_shard(shard: dict[str, np.ndarray], out_dir: Path, number: int) -> Path:
-    path = out_dir / f".shard-{number:05d}.tmp"
-    save_file(shard, str(path), metadata={"format": "pt"})
-    return path
+_TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64", "int32": "I32"}
+_TAG_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}
 
 
-def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path, max_shard_size: int) -> list[str]:
-    """Write named arrays as one file, or as shards of at most `max_shard_size` bytes plus an index.
+def safetensors_tag(dtype_name: str) -> str:
+    """The safetensors dtype tag of a numpy / MindSpore dtype name ("float16", "Float16", "bfloat16" ...)."""
+    tag = _TAGS.get(str(dtype_name).lower())
+    if tag is None:
+        raise ValueError(f"no safetensors dtype for {dtype_name}")
+    return tag
 
-    Each shard is written as soon as it is full, so at most one shard is held in memory.
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor to write: its name on disk, shape and safetensors dtype tag, known before its values."""
+
+    name: str
+    shape: tuple[int, ...]
+    tag: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _TAG_BYTES[self.tag]
+
+
+def _header(plans: Sequence[TensorPlan]) -> bytes:
+    entries, offset = {"__metadata__": {"format": "pt"}}, 0
+    for plan in plans:
+        entries[plan.name] = {"dtype": plan.tag, "shape": list(plan.shape), "data_offsets": [offset, offset + plan.nbytes]}
+        offset += plan.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _shards(plans: Sequence[TensorPlan], max_shard_size: int) -> list[list[int]]:
+    groups, size = [[]], 0
+    for index, plan in enumerate(plans):
+        if groups[-1] and size + plan.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(index)
+        size += plan.nbytes
+    return groups
+
+
+def write_safetensors(
+    plans: Sequence[TensorPlan], read: Callable[[int], np.ndarray], out_dir: Path | None, max_shard_size: int
+) -> list[str]:
+    """Write `read(i)` for every plan, one tensor at a time, as one file or shards plus an index.
+
+    Headers are built from the plans, so no tensor is held longer than its own write; `out_dir` None
+    still calls every `read` (a rank taking part in collective reads) and writes nothing.
     """
-    written: list[tuple[Path, list[str]]] = []
-    shard: dict[str, np.ndarray] = {}
-    size = total = 0
-    for name, array in tensors:
-        if shard and size + array.nbytes > max_shard_size:
-            written.append((_write_shard(shard, out_dir, len(written)), list(shard)))
-            shard, size = {}, 0
-        shard[name] = array
-        size += array.nbytes
-        total += array.nbytes
-    written.append((_write_shard(shard, out_dir, len(written)), list(shard)))
-    if len(written) == 1:
-        written[0][0].replace(out_dir / SINGLE_FILE)
-        return [SINGLE_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
-    weight_map = {}
-    for file_name, (path, keys) in zip(names, written):
-        path.replace(out_dir / file_name)
-        weight_map.update({key: file_name for key in keys})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    groups = _shards(plans, max_shard_size)
+    names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                                                    for i in range(len(groups))]  # fmt: skip
+    for file_name, group in zip(names, groups):
+        handle = None
+        if out_dir is not None:
+            header = _header([plans[i] for i in group])
+            handle = open(out_dir / f".{file_name}.tmp", "wb")
+            handle.write(struct.pack("<Q", len(header)) + header)
+        try:
+            for i in group:
+                value = np.ascontiguousarray(read(i))
+                if handle is not None:
+                    if value.nbytes != plans[i].nbytes:
+                        raise ValueError(f"{plans[i].name}: {value.nbytes} bytes read, {plans[i].nbytes} planned")
+                    handle.write(value.tobytes())
+        finally:
+            if handle is not None:
+                handle.close()
+        if out_dir is not None:
+            (out_dir / f".{file_name}.tmp").replace(out_dir / file_name)
+    if out_dir is not None and len(groups) > 1:
+        weight_map = {plans[i].name: name for name, group in zip(names, groups) for i in group}
+        index = {"metadata": {"total_size": sum(p.nbytes for p in plans)}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
     return names

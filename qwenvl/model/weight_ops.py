@@ -126,6 +126,5 @@ def attach_sources(model: nn.Cell, make_source) -> int:
 def sync_trainable(model: nn.Cell) -> None:
     """Copy each sourced weight's `requires_grad` into its source before a training step compiles."""
     for _, cell in model.cells_and_names():
-        source = getattr(cell, "source", None)
-        if isinstance(source, WeightSource):
-            source.trainable = bool(cell.weight.requires_grad)
+        if hasattr(cell, "use_source") and cell.source is not None:
+            cell.source.trainable = bool(cell.weight.requires_grad)

@@ -37,7 +37,8 @@ class TrainingArguments:
     output_dir: str = _flag("output", "where checkpoints, logs and the final model go")
     overwrite_output_dir: bool = _flag(False, "start afresh: delete output_dir's checkpoints and logs, no resume")
     cache_dir: str | None = _flag(None, "unused: models load from local folders only")
-    optim: str = _flag("adamw_mindspore", "optimizer; adamw_torch is an alias of adamw_mindspore", choices=OPTIMIZERS)
+    optim: str = _flag("adamw_mindspore", "optimizer; adamw_torch is an alias of adamw_mindspore, adamw_zero1_mindspore "
+                                          "of --zero_stage 1", choices=OPTIMIZERS)
     model_max_length: int = _flag(512, "per-sample token limit (text tails are cut, vision blocks never)")
     num_train_epochs: float = _flag(3.0, "epochs (fractions allowed)")
     max_steps: int = _flag(-1, "stop after this many optimizer steps (overrides epochs when > 0)")
@@ -74,7 +75,11 @@ class TrainingArguments:
                            "reported as not applicable: the JSONL log is always written")
     run_name: str | None = _flag(None, "a name for the run in logs")
     resume_from_checkpoint: str | None = _flag(None, "checkpoint folder to resume from (default: latest in output_dir)")
-    deepspeed: str | None = _flag(None, "accepted for upstream scripts; ZeRO-1 is --optim adamw_zero1_mindspore")
+    deepspeed: str | None = _flag(None, "a DeepSpeed JSON config (upstream's zero2.json / zero3.json): its ZeRO stage, "
+                                        "reduce_bucket_size and stage3_param_persistence_threshold are applied")
+    zero_stage: int | None = _flag(None, "ZeRO stage 0-3: 1 shards the optimizer state, 2 also the gradients, 3 also the "
+                                         "weights (gathered layer by layer); default: --deepspeed's, else 0",
+                                   choices=(0, 1, 2, 3))
     lora_enable: bool = _flag(False, "train LoRA adapters instead of full weights")
     lora_r: int = _flag(64, "LoRA rank")
     lora_alpha: int = _flag(128, "LoRA alpha (scaling alpha / r)")
@@ -163,7 +168,6 @@ NOT_APPLICABLE = {
     "fsdp_transformer_layer_cls_to_wrap": _FSDP,
     "accelerator_config": "no Hugging Face Accelerate",
     "parallelism_config": "data parallel only, launched by msrun",
-    "deepspeed": "DeepSpeed is not used; ZeRO-1 is --optim adamw_zero1_mindspore",
     "label_smoothing_factor": "the loss is plain token-mean cross-entropy (no label smoothing)",
     "optim_args": "AdamW takes --adam_beta1/--adam_beta2/--adam_epsilon/--weight_decay",
     "adafactor": "the optimizer is AdamW (--optim)",

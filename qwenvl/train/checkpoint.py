@@ -33,7 +33,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -327,41 +327,6 @@ def write_model_folder(output_dir: str | Path, write_files: Callable[[Path], Non
 
 def read_trainer_state(checkpoint: str | Path) -> TrainerState:
     return TrainerState.from_json((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-
-
-def save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
-
-    save_file({name: np.ascontiguousarray(value) for name, value in arrays.items()}, str(path))
-
-
-class ShardedArrays(Mapping[str, np.ndarray]):
-    """A read-only mapping over several safetensors files, read one tensor at a time on access.
-
-    ZeRO-1 optimizer shards from every rank are viewed as one state, so a run can resume at another
-    world size: each rank's optimizer looks up only the moments it owns.
-    """
-
-    def __init__(self, paths: list[Path]) -> None:
-        from safetensors import safe_open
-
-        self._where: dict[str, Path] = {}
-        for path in paths:
-            with safe_open(str(path), "np") as handle:
-                for key in handle.keys():
-                    self._where.setdefault(key, path)
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        with safe_open(str(self._where[key]), "np") as handle:
-            return handle.get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
 
 def optimizer_files(checkpoint: str | Path) -> list[Path]:

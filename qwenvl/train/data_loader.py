@@ -47,12 +47,27 @@ def total_steps(num_train_epochs: float, max_steps: int, epoch_steps: int) -> in
     return max(1, math.ceil(num_train_epochs * epoch_steps))
 
 
+def shard_indices(n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """This rank's sample indices for one epoch, like torch's DistributedSampler (drop_last=False).
+
+    One permutation seeded by `seed + epoch` is shared by all ranks; it is padded by wrapping around to
+    a multiple of `world` (so a few samples appear twice per epoch when n % world != 0), and rank r takes
+    every world-th index from r: shards are disjoint and together cover every sample.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    order = np.random.default_rng(seed + epoch).permutation(n) if shuffle else np.arange(n)
+    total = -(-n // world) * world
+    padded = np.resize(order, total)
+    return padded[rank:total:world].astype(np.int64)
+
+
 def epoch_plan(
     n: int, rank: int, world: int, seed: int, epoch: int, micro_batch: int, accumulation: int
 ) -> list[list[np.ndarray]]:
     """Dataset indices of this rank for one epoch: steps -> micro-batches -> indices."""
-    from qwenvl.train.distributed import shard_indices
-
     indices = shard_indices(n, rank, world, seed, epoch)
     micro = [indices[i : i + micro_batch] for i in range(0, len(indices), micro_batch)]
     return [micro[i : i + accumulation] for i in range(0, len(micro), accumulation)]

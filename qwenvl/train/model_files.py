@@ -19,9 +19,14 @@ from qwenvl.data.processor_files import write_processor_files
 from qwenvl.model.lora import NON_LORA_FILE
 
 
-
 def non_lora_trainables(model: nn.Cell) -> dict[str, np.ndarray]:
-    return {n: p.asnumpy() for n, p in model.parameters_and_names() if p.requires_grad and ".lora_" not in n}
+    """The whole values of every trained non-LoRA tensor (ZeRO-3 chunks gathered: every rank must call it)."""
+    sharded = getattr(model, "zero3", None)
+    out = {}
+    for name, param in model.parameters_and_names():
+        if param.requires_grad and ".lora_" not in name:
+            out[name] = sharded.gather(name, param) if sharded and name in sharded.specs else param.asnumpy()
+    return out
 
 
 class HFModelFiles:
@@ -31,21 +36,24 @@ class HFModelFiles:
         self.source_dir = Path(source_dir)
         self.settings = settings
 
-    def save(self, model: nn.Cell, out_dir: Path) -> None:
+    def save(self, model: nn.Cell, out_dir: Path, write: bool = True) -> None:
+        """Write the folder; with ZeRO-3 every rank calls this (the weights are gathered) and one writes."""
         from safetensors.numpy import save_file
 
         if getattr(model, "lora_settings", None) is not None:
             from qwenvl.model.lora import save_adapter
 
-            save_adapter(model, out_dir, str(self.source_dir.resolve()))
             extra = non_lora_trainables(model)
-            if extra:
-                save_file(extra, str(Path(out_dir) / NON_LORA_FILE))
+            if write:
+                save_adapter(model, out_dir, str(self.source_dir.resolve()))
+                if extra:
+                    save_file(extra, str(Path(out_dir) / NON_LORA_FILE))
         else:
             from qwenvl.model import save_model
 
-            save_model(model, out_dir)
-        write_processor_files(out_dir, self.settings, tokenizer_dir=self.source_dir)
+            save_model(model, out_dir, write=write)
+        if write:
+            write_processor_files(out_dir, self.settings, tokenizer_dir=self.source_dir)
 
     def load_into(self, model: nn.Cell, checkpoint: Path) -> None:
         if getattr(model, "lora_settings", None) is None:
@@ -62,7 +70,10 @@ class HFModelFiles:
         if extra.is_file():
             tensors.update(load_file(str(extra)))
         params = dict(model.parameters_and_names())
+        sharded = getattr(model, "zero3", None)
         for name, value in tensors.items():
             if name not in params:
                 raise ValueError(f"{checkpoint}: tensor {name!r} is not a parameter of this model")
-            params[name].set_data(Tensor(value))
+            if sharded and name in sharded.specs:
+                value = sharded.specs[name].take(value)
+            params[name].set_data(Tensor(value, params[name].dtype))

@@ -1,204 +1,222 @@
-"""AdamW with torch's maths, and its ZeRO-1 form that shards the moments over data-parallel ranks.
+"""AdamW with torch's maths as one fused in-place kernel per tensor, over float32 master copies ZeRO may shard.
 
-The update is `torch.optim.AdamW` (decoupled decay, bias correction), unlike mindone's
-`AdamWeightDecay` which has no bias correction. Master weights: the model's Parameters themselves stay
-float32 and the models cast to the bf16/fp16 compute dtype inside their cells, so the optimizer only
-ever sees fp32 parameters, gradients and moments (no separate master copy to keep in sync).
+The update is `torch.optim.AdamW` (decoupled decay, bias correction), computed by MindSpore's fused
+`AdamWeightDecay` kernel, which updates weight and moments in place (no per-step temporaries beyond the
+scaled gradient of the tensor being updated): with lr' = lr * sqrt(bc2) / bc1, eps' = eps * sqrt(bc2)
+and decay' = decay * bc1 / sqrt(bc2) its `w - lr' * (m / (sqrt(v) + eps') + decay' * w)` is exactly
+torch's `w * (1 - lr * decay) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. Gradient unscaling and
+clipping arrive as one coefficient multiplied into each gradient inside the same graph.
 
-Every group follows one LR schedule: a step takes the schedule factor as a Tensor, and bias corrections
-come in as Tensors too, so the compiled update is built once.
-
-ZeRO-1 (`--optim adamw_zero1_mindspore`): whole parameters are assigned to ranks (largest first, each to
-the least-loaded rank, a deterministic greedy balance); a rank keeps moments only for its own
-parameters, updates them from the all-reduced gradients, then every rank's updated parameters are
-all-gathered in one flat buffer. Element-wise AdamW makes this equal to the unsharded update.
+Master weights: a float32 parameter that this rank updates whole is its own master. Otherwise (half
+precision weights, or ZeRO stages 1-3 where the rank updates a chunk of a replicated parameter) the
+optimizer keeps a float32 master of its part, and the updated values go back to the model's parameter
+(cast in the same graph, or all-gathered by `ZeroPartition.gather_parameters`). Every group follows one
+LR schedule; the factor and bias corrections are Tensors, so the update compiles once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from qwenvl.train.distributed import DataParallel
+from qwenvl.parallel.layout import ShardSpec
+from qwenvl.parallel.world import DataParallel
+from qwenvl.parallel.zero import Slot, ZeroConfig, ZeroPartition
 from qwenvl.train.param_groups import ParamGroup
 
-
-def _adamw_update(beta1, beta2, eps, lr_factor, bias_correction1, bias_correction2_sqrt, lr, weight_decay, param, exp_avg, exp_avg_sq, grad):
-    """One parameter's torch AdamW step (decay first, then the bias-corrected Adam step)."""
-    lr_t = lr * lr_factor
-    decayed = param * (1.0 - lr_t * weight_decay) if weight_decay != 0.0 else param
-    exp_avg_new = exp_avg + (1.0 - beta1) * (grad - exp_avg)
-    exp_avg_sq_new = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
-    denom = ops.sqrt(exp_avg_sq_new) / bias_correction2_sqrt + eps
-    ops.assign(exp_avg, exp_avg_new)
-    ops.assign(exp_avg_sq, exp_avg_sq_new)
-    ops.assign(param, decayed - (lr_t / bias_correction1) * exp_avg_new / denom)
-    return True
+_ADAM = ops.AdamWeightDecay()
 
 
-def _scalar(value: float | Tensor) -> Tensor:
-    return ops.cast(value, ms.float32) if isinstance(value, Tensor) else Tensor(float(value), ms.float32)
+def _owns_master(slot: Slot) -> bool:
+    """The model's parameter is itself the float32 tensor this rank updates."""
+    return slot.param.dtype == ms.float32 and (slot.sharded or slot.spec.world == 1)
 
 
-class _AdamWKernel(nn.Cell):
-    """The compiled update over one list of parameters, their moments and per-parameter lr / decay."""
+class _FusedAdamW(nn.Cell):
+    """The compiled update: one AdamWeightDecay per tensor, in order, then the half-precision copies back."""
 
-    def __init__(self, params: Sequence[Parameter], lrs: Sequence[float], wds: Sequence[float], betas: tuple[float, float], eps: float) -> None:
+    def __init__(self, masters, exp_avgs, exp_avg_sqs, lrs, wds, copies, copy_index, betas, eps) -> None:
         super().__init__(auto_prefix=False)
-        self.params = ParameterTuple(params)
-        self.exp_avg = ParameterTuple([self._zeros(p, "exp_avg") for p in params])
-        self.exp_avg_sq = ParameterTuple([self._zeros(p, "exp_avg_sq") for p in params])
-        self.lrs = tuple(lrs)
-        self.wds = tuple(wds)
-        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
-        self.eps = float(eps)
-        self.hyper_map = ops.HyperMap()
+        self.masters = ParameterTuple(masters)
+        self.exp_avg = ParameterTuple(exp_avgs)
+        self.exp_avg_sq = ParameterTuple(exp_avg_sqs)
+        self.copies = ParameterTuple(copies)
+        self.copy_index = tuple(copy_index)
+        self.lrs, self.wds = tuple(lrs), tuple(wds)
+        self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
 
-    @staticmethod
-    def _zeros(param: Parameter, prefix: str) -> Parameter:
-        return Parameter(Tensor(np.zeros(param.shape, np.float32)), name=f"{prefix}.{param.name}", requires_grad=False)
+    def construct(self, grads, coef, lr_factor, bias_correction1, bias_correction2_sqrt):
+        step = lr_factor * bias_correction2_sqrt / bias_correction1
+        eps = self.eps * bias_correction2_sqrt
+        decay = bias_correction1 / bias_correction2_sqrt
+        token = coef
+        for i in range(len(self.masters)):
+            # each scaled gradient after the previous update: one temporary at a time, not one per tensor
+            grad = ops.cast(ops.depend(grads[i], token), ms.float32) * coef
+            token = _ADAM(self.masters[i], self.exp_avg[i], self.exp_avg_sq[i], step * self.lrs[i],
+                          self.beta1, self.beta2, eps, decay * self.wds[i], grad)[0]  # fmt: skip
+        for j in range(len(self.copies)):
+            master = ops.depend(self.masters[self.copy_index[j]], token)
+            token = ops.assign(self.copies[j], ops.cast(master, self.copies[j].dtype))
+        return token
 
-    @ms.jit
-    def construct(self, grads, lr_factor, bias_correction1, bias_correction2_sqrt):
-        update = ops.partial(_adamw_update, self.beta1, self.beta2, self.eps, lr_factor, bias_correction1, bias_correction2_sqrt)
-        return self.hyper_map(update, self.lrs, self.wds, self.params, self.exp_avg, self.exp_avg_sq, grads)
+
+def _fp32_parameter(value: np.ndarray, name: str) -> Parameter:
+    return Parameter(Tensor(np.ascontiguousarray(value, np.float32)), name=name, requires_grad=False)
 
 
 class AdamW:
-    """`torch.optim.AdamW` over parameter groups; `step(grads, lr_factor)` with grads in `parameters` order."""
+    """`torch.optim.AdamW` over a partition's slots; `step(grads, coef, lr_factor)` with grads in slot order."""
 
-    def __init__(self, groups: Sequence[ParamGroup], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.groups = list(groups)
-        self.parameters: tuple[Parameter, ...] = tuple(p for g in self.groups for p in g.params)
-        self._lrs = [g.lr for g in self.groups for _ in g.params]
-        self._wds = [g.weight_decay for g in self.groups for _ in g.params]
-        names = [p.name for p in self.parameters]
+    def __init__(self, partition: ZeroPartition, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.partition = partition
+        self.slots = partition.slots
+        names = [slot.name for slot in self.slots]
         if len(set(names)) != len(names):
             raise ValueError("a parameter appears twice (or two share a name) across the optimizer groups")
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
         self.step_count = 0
-        self._kernel = self._build_kernel(self._owned_indices())
+        self.masters: list[Parameter] = []
+        copies, copy_index = [], []
+        for index, slot in enumerate(self.slots):
+            if _owns_master(slot):
+                self.masters.append(slot.param)
+                continue
+            value = slot.param.asnumpy().astype(np.float32)
+            self.masters.append(_fp32_parameter(value if slot.sharded else slot.spec.take(value), f"master.{slot.name}"))
+            if slot.spec.world == 1:
+                copies.append(slot.param)
+                copy_index.append(index)
+        self.exp_avg = [_fp32_parameter(np.zeros(s.local_shape), f"exp_avg.{s.name}") for s in self.slots]
+        self.exp_avg_sq = [_fp32_parameter(np.zeros(s.local_shape), f"exp_avg_sq.{s.name}") for s in self.slots]
+        self._kernel = _FusedAdamW(self.masters, self.exp_avg, self.exp_avg_sq, [s.lr for s in self.slots],
+                                   [s.weight_decay for s in self.slots], copies, copy_index, self.betas, self.eps)  # fmt: skip
+        self._kernel_fn = ms.jit(self._kernel.construct)
 
-    def _owned_indices(self) -> list[int]:
-        """Indices into `parameters` whose moments this process keeps and updates."""
-        return list(range(len(self.parameters)))
+    @property
+    def parameters(self) -> tuple[Parameter, ...]:
+        """The model parameters whose gradients `step` takes, in order."""
+        return tuple(slot.param for slot in self.slots)
 
-    def _build_kernel(self, indices: list[int]) -> _AdamWKernel | None:
-        if not indices:
-            return None
-        return _AdamWKernel(
-            [self.parameters[i] for i in indices], [self._lrs[i] for i in indices], [self._wds[i] for i in indices], self.betas, self.eps
-        )
-
-    def _update(self, grads: Sequence[Tensor], lr_factor: float | Tensor) -> None:
-        """Advance the step count and update the parameters this kernel owns."""
+    def step(self, grads: Sequence[Tensor], coef: float, lr_factor: float) -> None:
+        """One update from the summed gradients (shaped like each slot's state) times `coef`."""
+        if len(grads) != len(self.slots):
+            raise ValueError(f"{len(grads)} gradients for {len(self.slots)} parameters")
         self.step_count += 1
-        if self._kernel is None:
-            return
         bc1 = 1.0 - self.betas[0] ** self.step_count
         bc2_sqrt = math.sqrt(1.0 - self.betas[1] ** self.step_count)
-        self._kernel(
-            ms.mutable(tuple(grads)),
-            _scalar(lr_factor),
-            _scalar(bc1),
-            _scalar(bc2_sqrt),
-        )
+        scalars = (coef, lr_factor, bc1, bc2_sqrt)
+        self._kernel_fn(ms.mutable(tuple(grads)), *(Tensor(float(v), ms.float32) for v in scalars))
+        self.partition.gather_parameters(self.masters)
 
-    def step(self, grads: Sequence[Tensor], lr_factor: float | Tensor) -> None:
-        if len(grads) != len(self.parameters):
-            raise ValueError(f"{len(grads)} gradients for {len(self.parameters)} parameters")
-        self._update(grads, lr_factor)
+    # ----- state ---------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Moments keyed `exp_avg.<param name>` / `exp_avg_sq.<param name>` and the step count."""
+    def owns_state_file(self) -> bool:
+        """Whether this rank writes an optimizer file: every rank when state is partitioned, else rank 0."""
+        return self.partition.partitioned or self.partition.dp.rank == 0
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """This rank's moments and separate masters (whole tensors, or chunks) and the layout metadata."""
         state = {"step": np.asarray(self.step_count, np.int64)}
-        if self._kernel is not None:
-            for moment in (*self._kernel.exp_avg, *self._kernel.exp_avg_sq):
-                state[moment.name] = moment.asnumpy()
-        return state
+        for slot, master, m, v in zip(self.slots, self.masters, self.exp_avg, self.exp_avg_sq):
+            state[f"exp_avg.{slot.name}"] = m.asnumpy()
+            state[f"exp_avg_sq.{slot.name}"] = v.asnumpy()
+            if master is not slot.param or slot.sharded:  # a ZeRO-3 chunk is saved as weights in the model dtype
+                state[f"master.{slot.name}"] = master.asnumpy()
+        world = self.partition.dp.world_size if self.partition.partitioned else 1
+        rank = self.partition.dp.rank if self.partition.partitioned else 0
+        return state, {"zero_world": str(world), "zero_rank": str(rank)}
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Load moments by name; any extra entries (another rank's ZeRO shard) are ignored."""
-        self.step_count = int(state["step"])
-        if self._kernel is None:
-            return
-        for moment in (*self._kernel.exp_avg, *self._kernel.exp_avg_sq):
-            if moment.name not in state:
-                raise KeyError(f"optimizer state has no {moment.name!r}")
-            value = np.asarray(state[moment.name], np.float32)
-            if value.shape != tuple(moment.shape):
-                raise ValueError(f"{moment.name}: saved shape {value.shape} != {tuple(moment.shape)}")
-            moment.set_data(Tensor(value))
-
-
-def assign_shards(sizes: Sequence[int], world_size: int) -> list[list[int]]:
-    """Parameter indices per rank: largest first to the least-loaded rank (ties: lower index, lower rank)."""
-    loads = [0] * world_size
-    owned: list[list[int]] = [[] for _ in range(world_size)]
-    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        owned[rank].append(index)
-        loads[rank] += sizes[index]
-    return [sorted(indices) for indices in owned]
+    def load_state_dict(self, state: "OptimizerState") -> None:
+        """Moments (and masters where saved) from any layout: each tensor is rebuilt whole, then cut to this
+        rank's part, so a run resumes at another ZeRO stage or world size. A missing master is taken from the
+        (already loaded) weights."""
+        self.step_count = int(state.scalar("step"))
+        for slot, master, m, v in zip(self.slots, self.masters, self.exp_avg, self.exp_avg_sq):
+            spec = slot.spec
+            for target, key in ((m, f"exp_avg.{slot.name}"), (v, f"exp_avg_sq.{slot.name}")):
+                target.set_data(Tensor(spec.take(state.full(key, spec)).reshape(target.shape), ms.float32))
+            if (master is not slot.param or slot.sharded) and state.has(f"master.{slot.name}"):
+                value = spec.take(state.full(f"master.{slot.name}", spec)).reshape(master.shape)
+                master.set_data(Tensor(value, ms.float32))
+                if master is not slot.param and slot.spec.world == 1:
+                    slot.param.set_data(Tensor(value, slot.param.dtype))
 
 
-class ZeRO1AdamW(AdamW):
-    """AdamW whose moments live only on the rank that owns each parameter (see the module docstring)."""
+class OptimizerState:
+    """The optimizer files of a checkpoint (one per rank that owned state) read one tensor at a time."""
 
-    def __init__(self, groups: Sequence[ParamGroup], dp: DataParallel, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.dp = dp
-        self.owned: list[list[int]] = []
-        self._shard_numel = 0
-        super().__init__(groups, betas, eps)
+    def __init__(self, files: Sequence[Path]) -> None:
+        from safetensors import safe_open
 
-    def _owned_indices(self) -> list[int]:
-        sizes = [int(p.size) for p in self.parameters]
-        self.owned = assign_shards(sizes, self.dp.world_size)
-        self._shard_numel = max(sum(sizes[i] for i in indices) for indices in self.owned)
-        return self.owned[self.dp.rank]
+        self.files = [Path(f) for f in files]
+        if not self.files:
+            raise ValueError("no optimizer state files")
+        self._layout: list[tuple[int, int, Path]] = []
+        self._where: dict[str, list[Path]] = {}
+        for path in self.files:
+            with safe_open(str(path), "np") as handle:
+                meta = handle.metadata() or {}
+                world, rank = int(meta.get("zero_world", 0)), int(meta.get("zero_rank", 0))
+                self._layout.append((world, rank, path))
+                for key in handle.keys():
+                    self._where.setdefault(key, []).append(path)
+        worlds = {world for world, _, _ in self._layout}
+        if len(worlds) != 1:
+            raise ValueError(f"optimizer files of mixed layouts {sorted(worlds)}: {[str(f) for f in self.files]}")
+        self.world = worlds.pop()
+        if self.world > 1 and sorted(rank for _, rank, _ in self._layout) != list(range(self.world)):
+            raise ValueError(f"optimizer state saved by {self.world} ranks but {len(self.files)} files found")
 
-    def update_shard(self, grads: Sequence[Tensor], lr_factor: float | Tensor) -> Tensor:
-        """Update this rank's parameters; returns them flattened and zero-padded to the common shard size."""
-        if len(grads) != len(self.parameters):
-            raise ValueError(f"{len(grads)} gradients for {len(self.parameters)} parameters")
-        mine = self.owned[self.dp.rank]
-        self._update([grads[i] for i in mine], lr_factor)
-        pieces = [self.parameters[i].reshape(-1) for i in mine]
-        used = sum(int(self.parameters[i].size) for i in mine)
-        pieces.append(ops.zeros(self._shard_numel - used, ms.float32))
-        return ops.cat(pieces)
+    def has(self, key: str) -> bool:
+        return key in self._where
 
-    def apply_gathered(self, gathered: Tensor) -> None:
-        """Write the other ranks' updated parameters from the all-gathered (world * shard) buffer.
+    def _read(self, path: Path, key: str) -> np.ndarray:
+        from safetensors import safe_open
 
-        `ops.assign` copies into each Parameter's own memory: `set_data` with slices of a collective's
-        output left compiled graphs reading invalid memory under msrun (NaN losses on the next step).
-        """
-        shards = gathered.reshape(self.dp.world_size, self._shard_numel)
-        for rank, indices in enumerate(self.owned):
-            if rank == self.dp.rank:
-                continue
-            offset = 0
-            for i in indices:
-                param = self.parameters[i]
-                numel = int(param.size)
-                ops.assign(param, shards[rank, offset : offset + numel].reshape(param.shape))
-                offset += numel
+        with safe_open(str(path), "np") as handle:
+            return handle.get_tensor(key)
 
-    def step(self, grads: Sequence[Tensor], lr_factor: float | Tensor) -> None:
-        self.apply_gathered(self.dp.all_gather(self.update_shard(grads, lr_factor)))
+    def scalar(self, key: str) -> np.ndarray:
+        if key not in self._where:
+            raise KeyError(f"optimizer state has no {key!r}")
+        return self._read(self._where[key][0], key)
+
+    def full(self, key: str, spec: ShardSpec) -> np.ndarray:
+        """The whole tensor `key` (of `spec.shape`), joined from the saving ranks' chunks if partitioned."""
+        if key not in self._where:
+            raise KeyError(f"optimizer state has no {key!r}")
+        if self.world <= 1:  # saved whole (world of one, stage 0, or the whole-parameter ZeRO-1 of earlier versions)
+            value = np.asarray(self._read(self._where[key][0], key), np.float32)
+            if value.size != spec.numel:
+                raise ValueError(f"{key}: saved {value.shape}, parameter has shape {spec.shape}")
+            return value.reshape(spec.shape)
+        saved = ShardSpec(spec.shape, self.world, 0)
+        chunks = {rank: self._read(path, key) for _, rank, path in self._layout}
+        if any(c.size != saved.chunk for c in chunks.values()):
+            raise ValueError(f"{key}: saved chunks do not match parameter shape {spec.shape}")
+        return saved.join([np.asarray(chunks[r], np.float32) for r in range(self.world)])
 
 
-def build_optimizer(groups: Sequence[ParamGroup], args, dp: DataParallel | None = None) -> AdamW:
-    """The optimizer `--optim` names (adamw_torch is an alias of adamw_mindspore)."""
-    betas = (args.adam_beta1, args.adam_beta2)
-    if args.optim in ("adamw_mindspore", "adamw_torch"):
-        return AdamW(groups, betas, args.adam_epsilon)
-    if args.optim == "adamw_zero1_mindspore":
-        return ZeRO1AdamW(groups, dp or DataParallel(), betas, args.adam_epsilon)
-    raise ValueError(f"unknown --optim {args.optim!r}")
+def save_optimizer_state(path: Path, state: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path), metadata=dict(metadata))
+
+
+def build_optimizer(groups: Sequence[ParamGroup], args, dp: DataParallel | None = None, zero: ZeroConfig | None = None,
+                    sharded: Mapping[str, ShardSpec] | None = None) -> AdamW:
+    """AdamW over the groups' parameters, partitioned for the ZeRO stage (`sharded`: ZeRO-3's chunked weights).
+
+    `--optim` adamw_torch is an alias of adamw_mindspore, adamw_zero1_mindspore of ZeRO stage 1.
+    """
+    if args.optim not in ("adamw_mindspore", "adamw_torch", "adamw_zero1_mindspore"):
+        raise ValueError(f"unknown --optim {args.optim!r}")
+    partition = ZeroPartition.build(groups, dp or DataParallel(), zero or ZeroConfig(), sharded)
+    return AdamW(partition, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)

@@ -71,9 +71,10 @@ class WithRunArgs:
         self.files = files
         self.record = record
 
-    def save(self, model, out_dir: Path) -> None:
-        self.files.save(model, out_dir)
-        write_run_args(out_dir, self.record)
+    def save(self, model, out_dir: Path, write: bool = True) -> None:
+        self.files.save(model, out_dir, write=write)
+        if write:
+            write_run_args(out_dir, self.record)
 
     def load_into(self, model, checkpoint: Path) -> None:
         self.files.load_into(model, checkpoint)

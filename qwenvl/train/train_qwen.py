@@ -105,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(model_args, data_args, training_args, device: str, dtype: str, notes: list[str], stop: StopSignals) -> int:
     from qwenvl.data.pipeline import build_collator, build_dataset, build_encoder
-    from qwenvl.model import load_model
+    from qwenvl.model import build_empty, load_weights
+    from qwenvl.parallel.world import init_distributed
+    from qwenvl.parallel.zero import zero_config
+    from qwenvl.parallel.zero3 import shard_weights
     from qwenvl.train.checkpoint import write_model_folder
-    from qwenvl.train.distributed import init_distributed
     from qwenvl.train.model_files import HFModelFiles
     from qwenvl.train.run_record import WithRunArgs, json_safe, run_args, write_run_args
     from qwenvl.train.train_step import seed_everything
@@ -128,14 +130,21 @@ def _train(model_args, data_args, training_args, device: str, dtype: str, notes:
         else None
     )
     collate = build_collator(encoder, data_args, pad_to_multiple_of=64)
-    model = load_model(model_dir, dtype=dtype)
+    zero, zero_note = zero_config(training_args)
+    if zero_note and dp.is_main:
+        print(f"[train] {zero_note}")
+    # built empty, then frozen / adapted / sharded, then filled: no rank ever holds a whole ZeRO-3 copy
+    model = build_empty(model_dir, dtype=dtype)
     trainable = configure_trainable(model, model_args, training_args)
+    if zero.stage == 3 and dp.world_size > 1:
+        shard_weights(model, dp.world_size, dp.rank, zero.persistence_threshold, from_values=False)
+    load_weights(model, model_dir)
     if training_args.gradient_checkpointing:
         model.enable_recompute()
     record = run_args(model_args, data_args, training_args, world_size=dp.world_size)
     files = WithRunArgs(HFModelFiles(model_dir, encoder.settings), record)
     trainer = Trainer(model, training_args, dataset, collate, files, dp, progress=not training_args.disable_tqdm,
-                      eval_dataset=eval_dataset, stop=stop)  # fmt: skip
+                      eval_dataset=eval_dataset, stop=stop, zero=zero)  # fmt: skip
     trainer.run_record = record
     if dp.is_main:
         print(f"[train] {model.model_type} from {model_dir} on {device} x{dp.world_size}; {len(dataset)} samples, "
@@ -153,9 +162,12 @@ def _train(model_args, data_args, training_args, device: str, dtype: str, notes:
         if outcome.stopped_by:  # the trainer wrote the checkpoint and said so
             return exit_code(signal.Signals[outcome.stopped_by])
         summary = json_safe(asdict(outcome))
-        if dp.is_main and not training_args.dry_run:
-            final = lambda folder: _final_files(folder, files, model, summary)  # noqa: E731
-            write_model_folder(output_dir, final, last=SUMMARY_NAME)
+        if not training_args.dry_run:
+            if dp.is_main:
+                final = lambda folder: _final_files(folder, files, model, summary)  # noqa: E731
+                write_model_folder(output_dir, final, last=SUMMARY_NAME)
+            else:  # takes part in gathering ZeRO-3 weights, writes nothing
+                files.save(model, output_dir, write=False)
     if not dp.is_main:
         return 0
     result = (f"[train] done: {summary['steps']} steps, loss {_number(summary['first_loss'], '.4f')} -> "

@@ -1,8 +1,8 @@
 """One optimizer step over a global batch: accumulation, data-parallel reduction, clipping, loss scaling.
 
 Loss normalisation is by tokens over the whole global batch: each micro-batch contributes its summed
-token cross-entropy and its supervised-token count; sums (and gradients of sums) are all-reduced over
-ranks and divided once by the global token count. k micro-batches of one sample, or w ranks with k/w
+token cross-entropy and its supervised-token count; sums (and gradients of sums) are reduced over
+ranks and divided once by the global token count (one coefficient applied inside the optimizer's graph). k micro-batches of one sample, or w ranks with k/w
 each, are therefore the same update as one batch of k on one device (HF's `num_items_in_batch` rule).
 
 fp16 uses dynamic loss scaling with `torch.amp.GradScaler`'s defaults (2**16 start, halve on overflow
@@ -22,8 +22,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from qwenvl.train.distributed import DataParallel
-from qwenvl.train.optimizer import AdamW
+from qwenvl.model.weight_ops import sync_trainable
+from qwenvl.train.optimizer import AdamW, OptimizerState
 
 
 def seed_everything(seed: int) -> None:
@@ -76,65 +76,38 @@ class _ScaledLoss(nn.Cell):
         return loss_sum * scale, loss_sum, n_tokens
 
 
-_add = ops.MultitypeFuncGraph("add")
-
-
-@_add.register("Tensor", "Tensor")
-def _add_tensors(a, b):
-    return a + b
-
-
-_square_sum = ops.MultitypeFuncGraph("square_sum")
-
-
-@_square_sum.register("Tensor")
-def _square_sum_tensor(g):
-    return (g * g).sum()
-
-
 @ms.jit
-def _accumulate(acc, grads):
-    return ops.HyperMap()(_add, acc, grads)
-
-
-class _GradFinisher(nn.Cell):
-    """Unscale/normalise the summed gradients, then torch-style global-norm clipping (pre-clip norm out)."""
-
-    def __init__(self, max_norm: float) -> None:
-        super().__init__()
-        self.max_norm = float(max_norm)
-        self.hyper_map = ops.HyperMap()
-
-    @ms.jit
-    def construct(self, grads, factor):
-        grads = self.hyper_map(ops.partial(ops.mul, factor), grads)
-        norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
-        if self.max_norm > 0:
-            coef = ops.clamp(self.max_norm / (norm + 1e-6), max=1.0)
-            grads = self.hyper_map(ops.partial(ops.mul, coef), grads)
-        return grads, norm
+def _squared_sum(grads):
+    """Sum of squares of every gradient, in float32, one tensor's temporary at a time."""
+    total = ops.zeros((), ms.float32)
+    for grad in grads:
+        g = ops.cast(ops.depend(grad, total), ms.float32)
+        total = total + (g * g).sum()
+    return total
 
 
 class TrainStep:
     """`run(micro_batches, lr_factor)` performs one optimizer step on this rank's share of a global batch.
 
     `micro_batches` are `model.prepare_inputs(...)` dicts; every rank must pass the same number of them.
+    Gradients travel as the optimizer's ZeRO partition says (`qwenvl.parallel.zero`); the norm, the
+    loss-scale check and the clipping coefficient are computed on what this rank holds, summed over ranks.
     """
 
-    def __init__(
-        self, model: nn.Cell, optimizer: AdamW, args, dp: DataParallel | None = None,
-        before_micro_batch: Callable[[int], None] | None = None,
-    ) -> None:  # fmt: skip
+    def __init__(self, model: nn.Cell, optimizer: AdamW, args,
+                 before_micro_batch: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.model = model
         self.before_micro_batch = before_micro_batch  # called with each micro-batch's index (dropout keys)
         self.optimizer = optimizer
-        self.dp = dp or DataParallel()
+        self.partition = optimizer.partition
+        self.dp = self.partition.dp
         self.loss_scale = DynamicLossScale() if getattr(args, "fp16", False) else None
+        self.max_grad_norm = float(args.max_grad_norm)
         self.skipped_steps = 0
         self._input_names = list(inspect.signature(model.construct).parameters)
+        sync_trainable(model)
         grad_fn = ms.value_and_grad(_ScaledLoss(model), None, optimizer.parameters, has_aux=True)
         self._forward_backward = ms.jit(grad_fn)
-        self._finish = _GradFinisher(args.max_grad_norm)
 
     def positional(self, inputs: dict[str, Tensor]) -> list[Tensor | None]:
         unknown = set(inputs) - set(self._input_names)
@@ -157,22 +130,24 @@ class TrainStep:
             if self.before_micro_batch is not None:
                 self.before_micro_batch(index)
             loss_sum, n_tokens, micro_grads = self.forward_backward(inputs, scale)
-            grads = micro_grads if grads is None else _accumulate(ms.mutable(grads), ms.mutable(micro_grads))
+            grads = self.partition.micro_batch(grads, micro_grads)
             losses.append(loss_sum)
             counts.append(n_tokens)
-        *grads, loss_sum, n_tokens = self.dp.all_reduce_sum([*grads, ops.addn(losses), ops.addn(counts)])
-        n_tokens, loss_sum = float(n_tokens), float(loss_sum)
+        loss_sum, n_tokens = (float(t) for t in self.dp.all_reduce_sum([ops.addn(losses), ops.addn(counts)]))
         if n_tokens == 0:
             return self._skip("no supervised tokens in the global batch", math.nan, math.nan, 0)
-        grads, norm = self._finish(ms.mutable(tuple(grads)), Tensor(1.0 / (n_tokens * scale), ms.float32))
-        loss, norm = loss_sum / n_tokens, float(norm)
+        grads = self.partition.step_gradients(grads)
+        factor = 1.0 / (n_tokens * scale)
+        norm = math.sqrt(self.partition.sum_over_ranks(float(_squared_sum(ms.mutable(tuple(grads)))))) * factor
+        loss = loss_sum / n_tokens
         finite = math.isfinite(loss) and math.isfinite(norm)
         if self.loss_scale:
             self.loss_scale.update(finite)
         if not finite:
             reason = "fp16 overflow" if self.loss_scale else "non-finite loss or gradient"
             return self._skip(reason, loss, norm, int(n_tokens))
-        self.optimizer.step(grads, lr_factor)
+        clip = min(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm > 0 else 1.0
+        self.optimizer.step(grads, factor * clip, lr_factor)
         return StepMetrics(loss, norm, int(n_tokens), False, self._current_scale())
 
     def _current_scale(self) -> float:
@@ -182,18 +157,19 @@ class TrainStep:
         self.skipped_steps += 1
         return StepMetrics(loss, norm, n_tokens, True, self._current_scale(), reason)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Optimizer moments and step, loss-scale state and the skipped-step count, as numpy arrays."""
-        state = self.optimizer.state_dict()
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Optimizer moments, masters and step, loss-scale state and the skipped-step count, as numpy arrays,
+        with the ZeRO layout metadata."""
+        state, metadata = self.optimizer.state_dict()
         state["skipped_steps"] = np.asarray(self.skipped_steps, np.int64)
         if self.loss_scale:
             state["loss_scale"] = np.asarray(self.loss_scale.scale, np.float64)
             state["loss_scale_good_steps"] = np.asarray(self.loss_scale.good_steps, np.int64)
-        return state
+        return state, metadata
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+    def load_state_dict(self, state: OptimizerState) -> None:
         self.optimizer.load_state_dict(state)
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        if self.loss_scale and "loss_scale" in state:
-            self.loss_scale.scale = float(state["loss_scale"])
-            self.loss_scale.good_steps = int(state["loss_scale_good_steps"])
+        self.skipped_steps = int(state.scalar("skipped_steps")) if state.has("skipped_steps") else 0
+        if self.loss_scale and state.has("loss_scale"):
+            self.loss_scale.scale = float(state.scalar("loss_scale"))
+            self.loss_scale.good_steps = int(state.scalar("loss_scale_good_steps"))

@@ -27,7 +27,6 @@ from qwenvl.train.checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointError,
     DataPosition,
-    ShardedArrays,
     TrainerState,
     checkpoint_folders,
     checkpoint_problem,
@@ -39,14 +38,13 @@ from qwenvl.train.checkpoint import (
     rng_file,
     rng_state,
     rotate_checkpoints,
-    save_arrays,
     write_checkpoint,
 )
-from qwenvl.errors import FlagError
 from qwenvl.train.data_loader import StepLoader, null_sample, total_steps
-from qwenvl.train.distributed import DataParallel
+from qwenvl.parallel.world import DataParallel
 from qwenvl.train.graceful_stop import StopSignals
-from qwenvl.train.optimizer import ZeRO1AdamW, build_optimizer
+from qwenvl.parallel.zero import ZeroConfig
+from qwenvl.train.optimizer import OptimizerState, build_optimizer, save_optimizer_state
 from qwenvl.train.param_groups import build_param_groups
 from qwenvl.train.run_record import ResumeConflict, clear_previous_run, conflict_message, resume_conflicts, run_args
 from qwenvl.train.schedule import lr_factor, schedule_options, warmup_steps
@@ -95,6 +93,7 @@ class Trainer:
         progress: bool = True,
         eval_dataset: Sequence | None = None,
         stop: StopSignals | None = None,
+        zero: ZeroConfig | None = None,
     ) -> None:
         self.model = model
         self.model.set_train(True)
@@ -106,8 +105,10 @@ class Trainer:
         self.dp = dp or DataParallel()
         self.output_dir = Path(args.output_dir)
         self.groups = build_param_groups(model, args)
-        self.optimizer = build_optimizer(self.groups, args, self.dp)
-        self.step_fn = TrainStep(model, self.optimizer, args, self.dp, self._dropout_keys(model))
+        self.zero = zero or ZeroConfig()
+        sharded = getattr(model, "zero3", None)
+        self.optimizer = build_optimizer(self.groups, args, self.dp, self.zero, sharded.specs if sharded else None)
+        self.step_fn = TrainStep(model, self.optimizer, args, self._dropout_keys(model))
         self.loader = StepLoader(
             dataset,
             collate,
@@ -159,19 +160,18 @@ class Trainer:
         """`output_dir/checkpoint-N`, written atomically; returns it on the main rank."""
         self.stop.reassert()
         step = self.state.global_step
-        sharded = isinstance(self.optimizer, ZeRO1AdamW)
 
         def shared_files(folder: Path) -> None:
-            self.files.save(self.model, folder)
-            if not sharded:
-                save_arrays(folder / "optimizer.safetensors", self.step_fn.state_dict())
             schedule = {"lr_scheduler_type": self.args.lr_scheduler_type, "total_steps": self.total_steps,
                         "warmup_steps": self.warmup, "last_factor": self.lr_factor(step)}  # fmt: skip
             (folder / "scheduler.json").write_text(json.dumps(schedule, indent=2), encoding="utf-8")
 
         def rank_files(folder: Path) -> None:
-            if sharded:
-                save_arrays(folder / f"optimizer-rank{self.dp.rank}.safetensors", self.step_fn.state_dict())
+            # every rank: the model folder (ZeRO-3 weights are gathered tensor by tensor, the main rank writes)
+            self.files.save(self.model, folder, write=self.dp.is_main)
+            if self.optimizer.owns_state_file():
+                state, metadata = self.step_fn.state_dict()
+                save_optimizer_state(folder / f"optimizer-rank{self.dp.rank}.safetensors", state, metadata)
             rng_file(folder, self.dp.rank).write_text(json.dumps(rng_state()), encoding="utf-8")
 
         try:
@@ -193,7 +193,7 @@ class Trainer:
     def resume(self, checkpoint: Path) -> None:
         """Weights, optimizer moments, loss scale, RNG and data position from a complete checkpoint."""
         self.files.load_into(self.model, checkpoint)
-        self.step_fn.load_state_dict(ShardedArrays(optimizer_files(checkpoint)))
+        self.step_fn.load_state_dict(OptimizerState(optimizer_files(checkpoint)))
         state = read_trainer_state(checkpoint)
         state.max_steps = self.total_steps
         self.state = state

@@ -1,4 +1,4 @@
-"""Data parallelism: process-group start under `msrun`, fused collectives, and per-rank data shards.
+"""This process's place in the data-parallel world: process-group start under `msrun`, small collectives.
 
 `msrun` starts every worker with `MS_ROLE=MS_WORKER` and `MS_WORKER_NUM` (plus `RANK_ID`/`RANK_SIZE`),
 and one more copy of the script as the scheduler (`MS_ROLE=MS_SCHED`), whose `init()` serves the
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import mindspore as ms
-import numpy as np
 from mindspore import Tensor, ops
 
 _STARTED: "DataParallel | None" = None
@@ -66,7 +65,7 @@ class DataParallel:
             return list(tensors)
         flat = ops.cat([ops.cast(t, ms.float32).reshape(-1) for t in tensors])
         summed = ops.AllReduce()(flat)
-        sizes = [int(np.prod(t.shape)) for t in tensors]
+        sizes = [int(t.size) for t in tensors]
         pieces = ops.split(summed, sizes)
         return [ops.cast(p.reshape(t.shape), t.dtype) for p, t in zip(pieces, tensors)]
 
@@ -75,20 +74,3 @@ class DataParallel:
         if self.world_size == 1:
             return tensor
         return ops.AllGather()(tensor)
-
-
-def shard_indices(n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """This rank's sample indices for one epoch, like torch's DistributedSampler (drop_last=False).
-
-    One permutation seeded by `seed + epoch` is shared by all ranks; it is padded by wrapping around to
-    a multiple of `world` (so a few samples appear twice per epoch when n % world != 0), and rank r takes
-    every world-th index from r: shards are disjoint and together cover every sample.
-    """
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} outside a world of {world}")
-    if n <= 0:
-        return np.zeros(0, np.int64)
-    order = np.random.default_rng(seed + epoch).permutation(n) if shuffle else np.arange(n)
-    total = -(-n // world) * world
-    padded = np.resize(order, total)
-    return padded[rank:total:world].astype(np.int64)

@@ -1,0 +1,94 @@
+"""ZeRO-3: each large weight lives on every rank as one chunk, gathered layer by layer inside the compiled step.
+
+`shard_weights` replaces the weight of every layer that reads its weight through a `WeightSource`
+(Linear, PatchProjection, Embedding and the LoRA-wrapped Linear) with this rank's chunk (`ShardSpec`),
+and gives the layer a `ShardedWeight`: the forward pass all-gathers the full weight right before the
+matmul or lookup that uses it, the backward pass gathers it again instead of keeping it, and the weight
+gradient is reduce-scattered straight back to the chunk (`weight_ops` explains why). Peak weight memory
+is therefore one layer's full weights on top of the chunks.
+
+A trainable chunk is stored in float32 and is itself the optimizer's master copy (no second copy); it
+is cast to the compute dtype before the gather, so half-precision runs move half the bytes. Frozen
+chunks are stored in the compute dtype. Weights smaller than the persistence threshold (DeepSpeed's
+`stage3_param_persistence_threshold`), norms and biases stay whole on every rank and follow ZeRO-2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
+
+from qwenvl.model.weight_ops import WeightSource
+from qwenvl.parallel.collectives import reduce_scatter_in_graph
+from qwenvl.parallel.layout import ShardSpec
+
+
+class ShardedWeight(WeightSource):
+    """A weight held as one chunk per rank: `full` all-gathers it, `grad` reduce-scatters its gradient."""
+
+    def __init__(self, shape: tuple[int, ...], spec: ShardSpec, compute_dtype: ms.Type) -> None:
+        super().__init__(shape, compute_dtype)
+        self.numel = spec.numel
+        self.padding = spec.padded - spec.numel
+        self.world = spec.world
+        self.gather = ops.AllGather()
+        self.rank_index = Tensor(spec.rank, ms.int32)
+
+    def full(self, stored, anchor, dtype):
+        flat = self.gather(ops.cast(ops.depend(stored, anchor), self.compute_dtype))
+        if self.padding:
+            flat = flat[: self.numel]
+        return ops.cast(flat.reshape(self.shape), dtype)
+
+    def grad(self, dw, stored):
+        flat = ops.cast(dw, self.compute_dtype).reshape(-1)
+        if self.padding:
+            flat = ops.cat((flat, ops.zeros(self.padding, flat.dtype)))
+        return reduce_scatter_in_graph(flat, self.world, self.rank_index)
+
+
+@dataclass(frozen=True)
+class ShardedWeights:
+    """The weights `shard_weights` cut into chunks (`model.zero3`), and how to read one whole again."""
+
+    specs: dict[str, ShardSpec]
+    dtype: ms.Type  # the model's compute dtype: whole weights are gathered (and saved) in it
+
+    def gather(self, name: str, chunk: Parameter) -> np.ndarray:
+        """The whole tensor from every rank's chunk: a collective every rank calls, in the same order."""
+        spec = self.specs[name]
+        rows = ops.AllGather()(ops.cast(chunk, self.dtype)).asnumpy().reshape(spec.world, spec.chunk)
+        return spec.join(list(rows))
+
+
+def shard_weights(model: nn.Cell, world: int, rank: int, threshold: int, from_values: bool) -> ShardedWeights:
+    """Replace large layer weights by this rank's chunks; records and returns what was sharded as `model.zero3`.
+
+    `from_values` takes each chunk from the weight's current values (a loaded model); otherwise chunks
+    are left to be filled by `qwenvl.model.load_weights`, which reads `model.zero3` (a model built empty,
+    so no rank ever holds a whole copy).
+    """
+    done: dict[int, tuple[Parameter, ShardSpec]] = {}
+    for _, cell in model.cells_and_names():
+        if not hasattr(cell, "use_source") or int(cell.weight.size) < threshold:
+            continue
+        param = cell.weight
+        if id(param) not in done:
+            spec = ShardSpec(tuple(param.shape), world, rank)
+            dtype = ms.float32 if param.requires_grad else param.dtype
+            chunk = Parameter(initializer("zeros", (spec.chunk,), dtype), name=param.name,
+                              requires_grad=param.requires_grad)  # fmt: skip
+            if from_values:
+                chunk.set_data(Tensor(spec.take(param.asnumpy().astype(np.float32)), dtype))
+            done[id(param)] = (chunk, spec)
+        chunk, spec = done[id(param)]
+        cell.weight = chunk
+        cell.use_source(ShardedWeight(cell.weight_shape, spec, model.compute_dtype))
+    for name, param in model.parameters_and_names():
+        param.name = name
+    model.zero3 = ShardedWeights({chunk.name: spec for chunk, spec in done.values()}, model.compute_dtype)
+    return model.zero3

@@ -1,0 +1,118 @@
+"""ZeRO: the chunk layout, bucketing, the --zero_stage / --deepspeed mapping, and every stage under msrun with
+2 CPU workers against one process on the whole batch (MindSpore's CPU backend runs the ReduceScatter twin)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from qwenvl.errors import FlagError
+from qwenvl.parallel.collectives import buckets
+from qwenvl.parallel.layout import ShardSpec
+from qwenvl.parallel.zero import DEFAULT_BUCKET_ELEMENTS, DEFAULT_PERSISTENCE_THRESHOLD, ZeroConfig, zero_config
+from tests.msrun import ROOT, run_msrun
+
+
+def test_chunks_split_flattened_values_with_zero_padding():
+    full = np.arange(10, dtype=np.float32).reshape(2, 5)
+    specs = [ShardSpec((2, 5), 3, rank) for rank in range(3)]
+    assert [s.chunk for s in specs] == [4, 4, 4] and specs[0].padded == 12 and specs[0].local_shape == (4,)
+    assert [s.bounds() for s in specs] == [(0, 4), (4, 8), (8, 10)]
+    chunks = [s.take(full) for s in specs]
+    np.testing.assert_array_equal(chunks[0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(chunks[2], [8, 9, 0, 0])  # the last chunk is padded with zeros
+    np.testing.assert_array_equal(specs[1].join(chunks), full)
+    whole = ShardSpec((2, 5))
+    assert whole.local_shape == (2, 5) and whole.take(full) is not None and np.array_equal(whole.take(full), full)
+    tiny = ShardSpec((1,), 4, 3)  # more ranks than values: empty real part, all padding
+    assert tiny.bounds() == (1, 1) and tiny.take(np.ones(1)).tolist() == [0.0]
+    with pytest.raises(ValueError, match="chunks"):
+        specs[0].join(chunks[:2])
+
+
+def test_buckets_group_consecutive_tensors_up_to_the_size():
+    assert list(buckets([4, 4, 4, 10, 1, 1], 8)) == [[0, 1], [2], [3], [4, 5]]
+    assert list(buckets([3], 1)) == [[0]]  # a tensor larger than a bucket travels alone
+    assert list(buckets([], 8)) == []
+
+
+def _args(**kw) -> SimpleNamespace:
+    return SimpleNamespace(**{"zero_stage": None, "deepspeed": None, "optim": "adamw_mindspore", **kw})
+
+
+def test_stage_comes_from_zero_stage_deepspeed_json_or_the_legacy_optimizer(tmp_path):
+    assert zero_config(_args()) == (ZeroConfig(), None)
+    assert zero_config(_args(zero_stage=2))[0].stage == 2
+    assert zero_config(_args(optim="adamw_zero1_mindspore")) == (ZeroConfig(1), "ZeRO stage 1")
+    # upstream's zero3.json: "auto" sizes take our defaults, explicit ones are used
+    upstream = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_param_persistence_threshold": 1e4}}
+    (tmp_path / "zero3.json").write_text(json.dumps(upstream), encoding="utf-8")
+    config, note = zero_config(_args(deepspeed=str(tmp_path / "zero3.json")))
+    assert config == ZeroConfig(3, DEFAULT_BUCKET_ELEMENTS, 10_000)
+    assert note.startswith(f"--deepspeed {tmp_path / 'zero3.json'}: ZeRO stage 3")
+    assert zero_config(_args(deepspeed=str(tmp_path / "zero3.json"), zero_stage=3))[0].stage == 3
+    with pytest.raises(FlagError, match="contradicts"):
+        zero_config(_args(deepspeed=str(tmp_path / "zero3.json"), zero_stage=2))
+    (tmp_path / "bad.json").write_text("{stage: 2", encoding="utf-8")
+    with pytest.raises(FlagError, match="cannot read it as JSON"):
+        zero_config(_args(deepspeed=str(tmp_path / "bad.json")))
+    (tmp_path / "zero2.json").write_text('{"zero_optimization": {"stage": 2}}', encoding="utf-8")
+    assert zero_config(_args(deepspeed=str(tmp_path / "zero2.json")))[0] == ZeroConfig(2, DEFAULT_BUCKET_ELEMENTS,
+                                                                                     DEFAULT_PERSISTENCE_THRESHOLD)
+    with pytest.raises(FlagError, match="stage"):
+        ZeroConfig(4)
+
+
+@pytest.mark.slow
+def test_every_stage_on_two_workers_equals_one_process(tiny_model_factory, tmp_path):
+    """2 ranks x 2 micro-batches of one sample = 1 process x 4 micro-batches (token-weighted sums), 5 AdamW steps
+    with weight decay and clipping, for ZeRO stages 0-3 (stage 3 shards every layer weight) and float16.
+
+    float32: every weight within 1e-6 (absolute, plus 1e-6 relative; weights are 0.02-1.0 in size), losses and
+    gradient norms within 1e-6 relative: only the order of float32 sums differs. float16 (loss scale 2**10, float32
+    masters): losses within 1e-4 and gradient norms within 1e-3 of the float32 run, and the weights' mean distance
+    to it below 2% of how far training moved them (float16 gradients round small entries to zero, which moves
+    those weights by a whole Adam step or not at all). Resuming at ZeRO-2 from a ZeRO-3 checkpoint (gathered
+    weights, chunked optimizer state) ends where the uninterrupted runs end.
+    """
+    import mindspore as ms
+
+    from qwenvl.model import load_model
+    from qwenvl.parallel.world import DataParallel
+    from tests.zero_worker import RUNS, STEPS, train
+
+    tiny = tiny_model_factory("qwen2.5vl")
+    out = tmp_path / "out"
+    out.mkdir()
+    code, logs = run_msrun([str(ROOT / "tests" / "zero_worker.py"), str(tiny), str(out)], tmp_path / "logs", timeout=900)
+    assert code == 0, logs
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        reference = {dtype: train(str(tiny), DataParallel(), 0, dtype) for dtype in ("float32", "float16")}
+    finally:
+        ms.set_context(mode=previous)
+    want = reference["float32"]
+    initial = {n: p.asnumpy() for n, p in load_model(tiny).parameters_and_names()}
+    moved = np.mean(np.concatenate([np.abs(want[n] - w).ravel() for n, w in initial.items()]))
+    assert moved > 1e-4  # training moved the weights: the comparisons are not between initialisations
+    for run in (*RUNS, "stage3_then_stage2"):
+        for rank in range(2):
+            got = dict(np.load(out / f"{run}-rank{rank}.npz"))
+            assert set(got) == set(want), run
+            label = f"{run} rank {rank}"
+            if run.endswith("fp16"):
+                np.testing.assert_allclose(got["_loss"], want["_loss"], rtol=1e-4, err_msg=label)
+                np.testing.assert_allclose(got["_grad_norm"], want["_grad_norm"], rtol=1e-3, err_msg=label)
+                gap = np.mean(np.concatenate([np.abs(got[n] - w).ravel() for n, w in want.items() if n[0] != "_"]))
+                assert gap < 0.02 * moved, (label, gap, moved)
+                continue
+            steps = slice(3, STEPS) if run == "stage3_then_stage2" else slice(0, STEPS)
+            np.testing.assert_allclose(got["_loss"], want["_loss"][steps], rtol=1e-6, err_msg=label)
+            np.testing.assert_allclose(got["_grad_norm"], want["_grad_norm"][steps], rtol=1e-6, err_msg=label)
+            for name, value in want.items():
+                if name[0] != "_":
+                    np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-6, err_msg=f"{label} {name}")
