@@ -39,11 +39,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import IGNORE_INDEX, load_batch, vision_grad_summary  # noqa: E402  (numpy only)
 
 TUNED_MARK = "QWENVL_BENCH_TORCH_TUNED"
+DEFAULT_TORCH_PYTHON = Path.home() / ".venvs" / "torch-ref" / "bin" / "python"
+TORCH_PYTHON_HELP = f"torch venv python (bench/make_torch_venv.sh; default {DEFAULT_TORCH_PYTHON} if present, '' for none)"
 MALLOCS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 # jemalloc as PyTorch's CPU performance guide configures it: keep freed pages for reuse.
 JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 MKL_SHIM_SOURCE = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
+
+
+def resolve_torch_python(flag: str | None) -> str | None:
+    """--torch_python: the given path, '' for none, or the default venv's python when it exists."""
+    if flag is not None:
+        return flag or None
+    return str(DEFAULT_TORCH_PYTHON) if DEFAULT_TORCH_PYTHON.exists() else None
+
+
+def torch_command(torch_python: str, model: str | Path, batch: str | Path, steps: int, warmup: int, tuned: bool = False,
+                  hyper: dict | None = None) -> list[str]:
+    """The command line that runs this file under the torch venv's python (hyper: --lr, --beta1, ... values)."""
+    flags = [f"--{key}={value}" for key, value in (hyper or {}).items()] + (["--tuned"] if tuned else [])
+    return [torch_python, os.path.abspath(__file__), "--model", str(model), "--batch", str(batch), "--steps", str(steps),
+            "--warmup", str(warmup), *flags]  # fmt: skip
 
 
 def _mkl_shim() -> tuple[str | None, str]:

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +39,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from workloads import WORKLOADS, check_vision_grads, load_batch, n_tokens, vision_grad_summary  # noqa: E402
+from child_process import run_child  # noqa: E402
+from torch_reference import TORCH_PYTHON_HELP, resolve_torch_python, torch_command  # noqa: E402
+from workloads import WORKLOADS, check_vision_grads, load_batch, n_tokens, prepare_in_child, vision_grad_summary  # noqa: E402
 
 IMPLS = ("native", "torch", "torch_tuned", "mindnlp")
-DEFAULT_TORCH_PYTHON = Path.home() / ".venvs" / "torch-ref" / "bin" / "python"
 HYPER = {"lr": 1e-5, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0}
 LOSS_RTOL = 1e-5
 NO_TORCH = "not measured (no --torch_python)"
@@ -191,67 +191,12 @@ def child_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_main(args: argparse.Namespace) -> int:
-    """Child: weights of one size plus its workload batches under --work; prints {"model", "batches"}."""
-    from workloads import make_batch, make_weights, save_batch
-
-    work = Path(args.work)
-    model_dir = make_weights(args.prepare, work)
-    batches = {w: str(save_batch(make_batch(w, args.prepare), work / f"{args.prepare}_{w}.npz"))
-               for w in args.workloads.split(",")}
-    print(json.dumps({"model": str(model_dir), "batches": batches}))
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------- parent
-
-
-def _tree_rss_bytes(proc) -> int:
-    import psutil
-
-    try:
-        root = psutil.Process(proc.pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-    except psutil.Error:
-        return 0
-
-
-def run_child(cmd: list[str], env: dict, rss_limit_gb: float, timeout_s: float) -> dict:
-    """Run one measurement process; its last stdout line is the JSON result. Stops it past the RSS limit."""
-    start = time.monotonic()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, text=True)
-        peak, reason = 0, None
-        while proc.poll() is None:
-            peak = max(peak, _tree_rss_bytes(proc))
-            if peak > rss_limit_gb * 2**30:
-                reason = f"out of memory (stopped at RSS > {rss_limit_gb:g} GB)"
-            elif time.monotonic() - start > timeout_s:
-                reason = f"timed out after {timeout_s:.0f} s"
-            if reason:
-                proc.kill()
-                proc.wait()
-                break
-            time.sleep(0.2)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if reason is None and proc.returncode == 0 and stdout.strip():
-        return json.loads(stdout.strip().splitlines()[-1])
-    if reason is None:
-        last = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
-        reason = f"failed (exit {proc.returncode}): {last[0][:200]}"
-    return {"error": reason, "wall_s": time.monotonic() - start}
 
 
 def child_command(impl: str, torch_python: str | None, model: str, batch: str, steps: int, warmup: int) -> list[str] | None:
     if impl in ("torch", "torch_tuned"):
-        if torch_python is None:
-            return None
-        hyper = [f"--{key}={value}" for key, value in HYPER.items()]
-        tuned = ["--tuned"] if impl == "torch_tuned" else []
-        return [torch_python, str(ROOT / "bench" / "torch_reference.py"), "--model", model, "--batch", batch,
-                "--steps", str(steps), "--warmup", str(warmup), *hyper, *tuned]  # fmt: skip
+        return torch_command(torch_python, model, batch, steps, warmup, impl == "torch_tuned", HYPER) if torch_python else None
     return [sys.executable, __file__, "--child", impl, "--model", model, "--batch", batch, "--steps", str(steps),
             "--warmup", str(warmup)]  # fmt: skip
 
@@ -322,15 +267,13 @@ def tuned_settings(rows: list[tuple[str, str, dict]]) -> str:
 
 def parent_main(args: argparse.Namespace) -> int:
     impls = args.impls.split(",")
-    torch_python = args.torch_python or (str(DEFAULT_TORCH_PYTHON) if DEFAULT_TORCH_PYTHON.exists() else None)
+    torch_python = resolve_torch_python(args.torch_python)
     env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
     work = Path(args.work or tempfile.mkdtemp(prefix="vs_torch_"))
     work.mkdir(parents=True, exist_ok=True)
     started, rows, problems, flip = time.monotonic(), [], [], False
     for size in args.sizes.split(","):
-        cmd = [sys.executable, __file__, "--prepare", size, "--work", str(work), "--workloads", args.workloads]
-        prepared = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=ROOT)
-                              .stdout.strip().splitlines()[-1])  # fmt: skip
+        prepared = prepare_in_child(size, args.workloads.split(","), work)
         for workload in args.workloads.split(","):
             results = {}
             for impl in (reversed(impls) if flip else impls):
@@ -339,7 +282,7 @@ def parent_main(args: argparse.Namespace) -> int:
                 if cmd is None:
                     results[impl] = {"error": NO_TORCH}
                     continue
-                results[impl] = run_child(cmd, env, args.rss_limit_gb, args.child_timeout)
+                results[impl] = run_child(cmd, env, ROOT, args.rss_limit_gb, args.child_timeout)
                 print(f"[vs_torch] {size} {workload} {impl}: {_cell(results[impl])}", file=sys.stderr, flush=True)
             flip = not flip
             rows.append((size, workload, {i: results[i] for i in impls}))
@@ -364,18 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (native and torch)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, including the first step")
     parser.add_argument("--mindnlp_steps", type=int, default=3, help="timed mindnlp steps (it is ~30x slower)")
-    parser.add_argument("--torch_python", default=None, help=f"torch venv python (default {DEFAULT_TORCH_PYTHON} if present)")
+    parser.add_argument("--torch_python", default=None, help=TORCH_PYTHON_HELP)
     parser.add_argument("--rss_limit_gb", type=float, default=18.0, help="stop a child whose RSS exceeds this")
     parser.add_argument("--child_timeout", type=float, default=3600.0, help="seconds per child process")
     parser.add_argument("--work", default=None, help="folder for weights and batches (default: a new temp folder)")
     parser.add_argument("--json", default=None, help="also write every raw result to this file")
     parser.add_argument("--child", choices=("native", "mindnlp"), help=argparse.SUPPRESS)
-    parser.add_argument("--prepare", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.prepare:
-        return prepare_main(args)
     if args.child:
         return child_main(args)
     return parent_main(args)

@@ -25,8 +25,12 @@ MindSpore or qwenvl) imports it for the constants and the loss definition.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -118,11 +122,14 @@ def make_weights(size: str | dict, root: str | Path | None = None, seed: int = 0
     return out
 
 
-def count_parameters(config: dict) -> int:
-    """Trainable parameter count of a built model (tied weights once), for bytes/parameter figures."""
-    from qwenvl.model import build_model, named_parameters
-
-    return sum(int(p.size) for p in named_parameters(build_model(config)).values())
+def stored_parameters(model_dir: str | Path) -> int:
+    """Parameters in a folder's safetensors (save_model writes tied weights once), from the file headers."""
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        total += sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+    return total
 
 
 def make_batch(workload: str, size: str | dict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -223,3 +230,34 @@ def check_vision_grads(summary: dict | None, impl: str) -> None:
     if summary["zero"]:
         raise AssertionError(f"{impl}: {len(summary['zero'])}/{summary['tensors']} vision-tower gradients are all "
                              f"zero, e.g. {summary['zero'][:3]}")  # fmt: skip
+
+
+def prepare_in_child(size: str, workloads: list[str], work: str | Path) -> dict:
+    """{"model": folder, "params": count, "batches": {workload: npz}} for `size`, built in a child process (this
+    venv's python), so the caller holds neither MindSpore nor the model while it measures other processes."""
+    cmd = [sys.executable, __file__, "--size", size, "--workloads", ",".join(workloads), "--work", str(work)]
+    env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        raise RuntimeError(f"preparing {size} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write a size's weights and workload batches; print their paths.")
+    parser.add_argument("--size", required=True, choices=SIZES)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list (textN for any N, image448)")
+    parser.add_argument("--work", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = make_weights(args.size, work)
+    batches = {w: str(save_batch(make_batch(w, args.size), work / f"{args.size}_{w}.npz"))
+               for w in args.workloads.split(",")}
+    print(json.dumps({"model": str(model_dir), "params": stored_parameters(model_dir), "batches": batches}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
