@@ -1,8 +1,9 @@
 """Run one benchmark measurement in its own process: its peak RSS is its own, and a runaway one is stopped.
 
 The child prints its result as the last stdout line (JSON). The parent polls the child's RSS (with its
-children) and kills it past a limit, so an out-of-memory case is reported instead of waking the kernel's
-OOM killer on a machine other people's processes share.
+children) and kills it past a limit, or when the machine's available memory falls below a floor, so an
+out-of-memory case is reported instead of waking the kernel's OOM killer on a machine other people's
+processes share.
 """
 
 from __future__ import annotations
@@ -24,15 +25,25 @@ def _tree_rss_bytes(pid: int) -> int:
         return 0
 
 
-def run_child(cmd: list[str], env: dict, cwd: Path, rss_limit_gb: float, timeout_s: float) -> dict:
+def _available_gb() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30
+
+
+def run_child(cmd: list[str], env: dict, cwd: Path, rss_limit_gb: float, timeout_s: float,
+              floor_gb: float = 1.0) -> dict:
     """The child's JSON result, or {"error": why, "wall_s"} when it failed, ran out of memory or time."""
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, text=True)
         reason = None
         while proc.poll() is None:
-            if _tree_rss_bytes(proc.pid) > rss_limit_gb * 2**30:
+            rss_gb = _tree_rss_bytes(proc.pid) / 2**30
+            if rss_gb > rss_limit_gb:
                 reason = f"out of memory (stopped at RSS > {rss_limit_gb:g} GB)"
+            elif _available_gb() < floor_gb:
+                reason = f"out of memory (stopped at RSS {rss_gb:.1f} GB: machine below {floor_gb:g} GB available)"
             elif time.monotonic() - start > timeout_s:
                 reason = f"timed out after {timeout_s:.0f} s"
             if reason:

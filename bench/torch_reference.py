@@ -40,7 +40,7 @@ from workloads import IGNORE_INDEX, load_batch, vision_grad_summary  # noqa: E40
 
 TUNED_MARK = "QWENVL_BENCH_TORCH_TUNED"
 DEFAULT_TORCH_PYTHON = Path.home() / ".venvs" / "torch-ref" / "bin" / "python"
-TORCH_PYTHON_HELP = f"torch venv python (bench/make_torch_venv.sh; default {DEFAULT_TORCH_PYTHON} if present, '' for none)"
+TORCH_PYTHON_HELP = f"torch venv python (bench/make_torch_venv.sh; default {DEFAULT_TORCH_PYTHON} if present; '' none)"
 MALLOCS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 # jemalloc as PyTorch's CPU performance guide configures it: keep freed pages for reuse.
 JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -59,8 +59,8 @@ def torch_command(torch_python: str, model: str | Path, batch: str | Path, steps
                   hyper: dict | None = None) -> list[str]:
     """The command line that runs this file under the torch venv's python (hyper: --lr, --beta1, ... values)."""
     flags = [f"--{key}={value}" for key, value in (hyper or {}).items()] + (["--tuned"] if tuned else [])
-    return [torch_python, os.path.abspath(__file__), "--model", str(model), "--batch", str(batch), "--steps", str(steps),
-            "--warmup", str(warmup), *flags]  # fmt: skip
+    return [torch_python, os.path.abspath(__file__), "--model", str(model), "--batch", str(batch),
+            "--steps", str(steps), "--warmup", str(warmup), *flags]  # fmt: skip
 
 
 def _mkl_shim() -> tuple[str | None, str]:
@@ -97,7 +97,8 @@ def tuned_env(base: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
         preload.append(allocator)
         if "jemalloc" in allocator:
             env["MALLOC_CONF"] = JEMALLOC_CONF
-        notes["malloc"] = f"LD_PRELOAD {allocator}" + (f" MALLOC_CONF={JEMALLOC_CONF}" if "jemalloc" in allocator else "")
+        conf = f" MALLOC_CONF={env['MALLOC_CONF']}" if "MALLOC_CONF" in env else ""
+        notes["malloc"] = f"LD_PRELOAD {allocator}{conf}"
     else:
         env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
         notes["malloc"] = f"glibc GLIBC_TUNABLES={GLIBC_TUNABLES} (no jemalloc/tcmalloc: apt-get install libjemalloc2)"
@@ -165,7 +166,8 @@ def model_inputs(batch: dict, use_position_ids: bool) -> dict:
     """Keyword inputs for the HF forward; position_ids only when asked (HF computes its own rope index)."""
     import torch
 
-    keys = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"] + (["position_ids"] if use_position_ids else [])
+    keys = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
+    keys += ["position_ids"] if use_position_ids else []
     return {key: torch.from_numpy(batch[key]) for key in keys if key in batch}
 
 

@@ -41,7 +41,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from child_process import run_child  # noqa: E402
 from torch_reference import TORCH_PYTHON_HELP, resolve_torch_python, torch_command  # noqa: E402
-from workloads import WORKLOADS, check_vision_grads, load_batch, n_tokens, prepare_in_child, vision_grad_summary  # noqa: E402
+from workloads import (  # noqa: E402
+    WORKLOADS,
+    check_vision_grads,
+    load_batch,
+    n_tokens,
+    prepare_in_child,
+    vision_grad_summary,
+)
 
 IMPLS = ("native", "torch", "torch_tuned", "mindnlp")
 HYPER = {"lr": 1e-5, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0}
@@ -194,9 +201,11 @@ def child_main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- parent
 
 
-def child_command(impl: str, torch_python: str | None, model: str, batch: str, steps: int, warmup: int) -> list[str] | None:
+def child_command(impl: str, torch_python: str | None, model: str, batch: str, steps: int, warmup: int) -> list | None:
+    """The measurement process's command line; None for torch without a torch venv."""
     if impl in ("torch", "torch_tuned"):
-        return torch_command(torch_python, model, batch, steps, warmup, impl == "torch_tuned", HYPER) if torch_python else None
+        tuned = impl == "torch_tuned"
+        return torch_command(torch_python, model, batch, steps, warmup, tuned, HYPER) if torch_python else None
     return [sys.executable, __file__, "--child", impl, "--model", model, "--batch", batch, "--steps", str(steps),
             "--warmup", str(warmup)]  # fmt: skip
 
@@ -236,15 +245,20 @@ def _ratio(a: dict | None, b: dict | None, key: str) -> str:
     return f"{a[key] / b[key]:.2f}x"
 
 
+def _field(result: dict | None, key: str, form: str) -> str:
+    return form.format(result[key]) if result and key in result else "–"
+
+
 def render(rows: list[tuple[str, str, dict]], impls: list[str], steps: int, warmup: int) -> str:
-    head = ["model / workload", *impls, "native / torch", "native / torch tuned", "peak RSS MiB (" + " / ".join(impls) + ")",
-            "tokens/s native / torch", "first step s (" + " / ".join(impls) + ")", "step-0 loss native / torch"]  # fmt: skip
+    every = " / ".join(impls)
+    head = ["model / workload", *impls, "native / torch", "native / torch tuned", f"peak RSS MiB ({every})",
+            "tokens/s native / torch", f"first step s ({every})", "step-0 loss native / torch"]  # fmt: skip
     lines = [f"median (min) of {steps} timed steps after {warmup} warm-up steps; batch 1", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for size, workload, results in rows:
         native, torch_, tuned = (results.get(k) for k in ("native", "torch", "torch_tuned"))
-        peaks = " / ".join(f"{results[i]['peak_rss_mib']:.0f}" if "peak_rss_mib" in results.get(i, {}) else "–" for i in impls)
-        firsts = " / ".join(f"{results[i]['first_step_s']:.1f}" if "first_step_s" in results.get(i, {}) else "–" for i in impls)
+        peaks = " / ".join(_field(results.get(i), "peak_rss_mib", "{:.0f}") for i in impls)
+        firsts = " / ".join(_field(results.get(i), "first_step_s", "{:.1f}") for i in impls)
         tps = " / ".join(f"{r['tokens_per_s']:.0f}" if r and "tokens_per_s" in r else "–" for r in (native, torch_))
         losses = " / ".join(f"{r['loss0']:.7f}" if r and "loss0" in r else "–" for r in (native, torch_))
         cells = [f"{size}, {workload}", *(_cell(results.get(i)) for i in impls), _ratio(native, torch_, "median_s"),

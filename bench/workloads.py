@@ -19,8 +19,14 @@ Loss (all implementations): token-mean cross-entropy of the shifted labels, i.e.
 with labels[t+1] != -100 of -log softmax(logits[t])[labels[t+1]], divided by the number of such positions
 (`token_mean_cross_entropy` is the numpy definition).
 
+Sizes (`config_for`): tiny (0.22 M), 120m (issue 14), mem109m / mem163m (issue 10's memory configs).
+
+    python bench/workloads.py --size 120m --workloads text512,image448 --work DIR
+    # prints {"model": folder, "params": count, "batches": {workload: .npz}}
+
+`prepare_in_child` runs that in a child process, so a benchmark parent holds neither MindSpore nor the model.
 This module imports only numpy at import time: the torch reference process (which must not import
-MindSpore or qwenvl) imports it for the constants and the loss definition.
+MindSpore or qwenvl) imports it for the constants, the batch files and the vision-gradient check.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def test_text_workload_is_all_targets_inside_the_vocabulary():
 
 
 def test_vision_gradient_check_names_zero_gradients():
-    grads = [("model.visual.blocks.0.attn.qkv.weight", np.ones((2, 2))), ("model.visual.merger.mlp.0.bias", np.zeros(3)),
+    grads = [("model.visual.blocks.0.attn.qkv.weight", np.ones((2, 2))),
+             ("model.visual.merger.mlp.0.bias", np.zeros(3)),
              ("model.language_model.norm.weight", np.zeros(2))]  # fmt: skip
     summary = vision_grad_summary(grads)
     assert summary["tensors"] == 2 and summary["norm"] == pytest.approx(2.0)
@@ -90,8 +91,8 @@ def test_marginal_bytes_per_param_is_the_slope():
 
 @pytest.mark.slow
 def test_vs_torch_without_torch_says_not_measured(tmp_path):
-    cmd = [sys.executable, "bench/vs_torch.py", "--sizes", "tiny", "--workloads", "text512", "--impls", "torch,torch_tuned",
-           "--torch_python", "", "--work", str(tmp_path)]  # fmt: skip
+    cmd = [sys.executable, "bench/vs_torch.py", "--sizes", "tiny", "--workloads", "text512",
+           "--impls", "torch,torch_tuned", "--torch_python", "", "--work", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| tiny, text512"))
