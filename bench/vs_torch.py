@@ -19,7 +19,8 @@ step-0 losses of native and torch agree (rtol 1e-5) and, on image workloads, eve
 tower receives non-zero gradients; a failed check makes the exit status 1.
 
 Implementations: native = `qwenvl.train.train_step.TrainStep` + `build_optimizer` in graph mode (as
-bench/train_step.py and train_qwen.py run it); torch / torch_tuned = bench/torch_reference.py (HF eager forward
+bench/train_step.py and train_qwen.py run it; its step includes `model.prepare_inputs`, the host-side masks
+and indices the trainer builds every step, as HF's forward computes its rope index every step); torch / torch_tuned = bench/torch_reference.py (HF eager forward
 with SDPA); mindnlp = the same HF model on mindtorch (PyNative), with a per-parameter AdamW in tensor ops and
 torch-style clipping (mindtorch's own `clip_grad_norm_` and AdamW fail on CPU).
 A child whose RSS passes --rss_limit_gb is stopped and reported as out of memory (the machine is shared).
