@@ -33,7 +33,7 @@ def _available_gb() -> float:
 
 def run_child(cmd: list[str], env: dict, cwd: Path, rss_limit_gb: float, timeout_s: float,
               floor_gb: float = 1.0) -> dict:
-    """The child's JSON result, or {"error": why, "wall_s"} when it failed, ran out of memory or time."""
+    """The child's JSON result, or {"error": why} when it failed, ran out of memory or time; with "wall_s"."""
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, text=True)
@@ -55,7 +55,7 @@ def run_child(cmd: list[str], env: dict, cwd: Path, rss_limit_gb: float, timeout
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if reason is None and proc.returncode == 0 and stdout.strip():
-        return json.loads(stdout.strip().splitlines()[-1])
+        return {**json.loads(stdout.strip().splitlines()[-1]), "wall_s": time.monotonic() - start}
     if reason is None:
         last = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
         reason = f"failed (exit {proc.returncode}): {last[0][:200]}"

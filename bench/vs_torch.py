@@ -298,17 +298,19 @@ def parent_main(args: argparse.Namespace) -> int:
                     results[impl] = {"error": NO_TORCH}
                     continue
                 results[impl] = run_child(cmd, env, ROOT, args.rss_limit_gb, args.child_timeout)
-                print(f"[vs_torch] {size} {workload} {impl}: {_cell(results[impl])}", file=sys.stderr, flush=True)
+                print(f"[vs_torch] {size} {workload} {impl}: {_cell(results[impl])} "
+                      f"(process {results[impl].get('wall_s', 0):.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
             flip = not flip
             rows.append((size, workload, {i: results[i] for i in impls}))
+            if args.json:  # after every workload, so a stopped run keeps what it measured
+                raw = [{"size": s, "workload": w, "results": r} for s, w, r in rows]
+                Path(args.json).write_text(json.dumps(raw, indent=1), encoding="utf-8")
             problems += [f"{size} {workload}: {p}" for p in checks(results, workload)]
     print(render(rows, impls, args.steps, args.warmup))
     print(tuned_settings(rows))
     if "mindnlp" in impls:
         print(f"mindnlp: median of {args.mindnlp_steps} timed steps after 1 warm-up step")
     print(f"total wall time {time.monotonic() - started:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps([{"size": s, "workload": w, "results": r} for s, w, r in rows], indent=1))
     for problem in problems:
         print(f"CHECK FAILED: {problem}")
     return 1 if problems else 0
