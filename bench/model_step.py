@@ -8,7 +8,9 @@ Speed mode times, on the same tiny-model inputs (one row of text around an image
 `mindspore.value_and_grad` step of the native model and the mindnlp forward+backward of the same weights:
 a few warm-up steps, then the median of N. All native timings run before mindnlp is imported, because
 importing it patches `mindspore.Tensor` for the whole process. Qwen3-VL is included when its native module
-exists.
+exists. Both implementations must give every vision-tower parameter a non-zero gradient (asserted): under
+mindnlp, HF's `.to(inputs_embeds.device, ...)` of the image features round-trips through numpy and detaches
+them, so without the `_patch_mindtorch` fix the mindnlp step skipped the whole vision backward pass.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from typing import Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from qwenvl.data.rope2d import rope_index_fn  # noqa: E402
 from qwenvl.model import build_model, named_parameters, save_model  # noqa: E402
 from qwenvl.runtime import graph_mode  # noqa: E402
 from tools.make_tiny_model import tiny_config  # noqa: E402
+from workloads import check_vision_grads, vision_grad_summary  # noqa: E402
 
 IDS = {"image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3, "vision_end_token_id": 4,
        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "vocab_size": 128}  # fmt: skip
@@ -60,12 +63,12 @@ def make_batch(family: str, text_len: int, grid: tuple[int, int, int], batch: in
 
 
 def native_step(model):
-    """The compiled (loss_sum, n_tokens), grads step and its positional argument order."""
+    """The compiled (loss_sum, n_tokens), grads step, its positional argument order and the gradients' names."""
     import mindspore as ms
 
-    params = [p for p in named_parameters(model).values() if p.requires_grad]
+    named = {name: p for name, p in named_parameters(model).items() if p.requires_grad}
     order = list(inspect.signature(model.construct).parameters)
-    return ms.jit(ms.value_and_grad(model, None, params, has_aux=True)), order
+    return ms.jit(ms.value_and_grad(model, None, list(named.values()), has_aux=True)), order, list(named)
 
 
 def median_step(run_step: Callable[[], None], warmup: int, steps: int) -> tuple[float, float, float]:
@@ -88,9 +91,11 @@ def median_step(run_step: Callable[[], None], warmup: int, steps: int) -> tuple[
 def time_native(model, batch: dict, warmup: int, steps: int) -> tuple[float, float, float]:
     """In graph mode, as train_qwen.py runs it (PyNative + jit has a bimodal step time on 2 cores)."""
     with graph_mode():
-        step, order = native_step(model)
+        step, order, names = native_step(model)
         inputs = model.prepare_inputs(batch)
         args = [inputs.get(name) for name in order]
+        _, grads = step(*args)
+        check_vision_grads(vision_grad_summary(zip(names, (g.asnumpy() for g in grads))), "native")
 
         def run_step() -> None:
             (loss_sum, _), grads = step(*args)
@@ -106,16 +111,17 @@ def time_mindnlp(model_dir: Path, batch: dict, warmup: int, steps: int) -> tuple
     import transformers
     from mindtorch.autograd import value_and_grad
 
-    architecture = _architecture(model_dir)
-    if architecture.startswith("Qwen3VL"):
-        from tests.test_model_qwen3 import _patch_mindtorch  # mindtorch defects on HF's deepstack path
+    from tests.test_model_qwen3 import _patch_mindtorch  # mindtorch defects: detaching `.to`, deepstack indexing
 
-        _patch_mindtorch(torch, (transformers.Qwen3VLTextModel,))
+    architecture = _architecture(model_dir)
+    _patch_mindtorch(torch, (transformers.Qwen3VLTextModel,) if architecture.startswith("Qwen3VL") else ())
     model = getattr(transformers, architecture).from_pretrained(model_dir, attn_implementation="eager")
     model.train()
     inputs = {key: torch.tensor(value) for key, value in batch.items()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    step = value_and_grad(lambda: model(**inputs).loss, params, attach_grads=False)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    step = value_and_grad(lambda: model(**inputs).loss, [p for _, p in named], attach_grads=False)
+    _, grads = step()
+    check_vision_grads(vision_grad_summary((name, g.asnumpy()) for (name, _), g in zip(named, grads)), "mindnlp")
 
     def run_step() -> None:
         loss, grads = step()
@@ -168,7 +174,7 @@ def memory(args: argparse.Namespace) -> None:
 def memory_check(args: argparse.Namespace) -> None:
     family = "qwen2.5vl"
     model = build_model(tiny_config(family, IDS), seed=0)
-    step, order = native_step(model)
+    step, order, _ = native_step(model)
     inputs = model.prepare_inputs(make_batch(family, args.text_len, (1, 8, 8), args.batch))
     positional = [inputs.get(name) for name in order]
     at_10 = 0.0
