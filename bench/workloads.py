@@ -10,6 +10,7 @@ Batches (`make_batch(workload, size)`, batch 1, no padding; numpy arrays, savabl
   the 2x2 merge) inside 200 text tokens: 100 prompt tokens, <|vision_start|>, 256 <|image_pad|>,
   <|vision_end|>, 100 answer tokens; only the answer tokens are targets, so the loss reaches the vision tower
   through attention. 458 tokens in all. Pixel values are standard-normal (already "normalised" patches).
+- `image224`: the same with a 224x224 image (256 patches, 64 image tokens) and 95 + 95 text tokens: 256 tokens.
 
 Arrays: input_ids, labels (-100 = not a target), attention_mask (all ones), position_ids (3, 1, L) from our
 rope index (the native model takes them; transformers computes its own from input_ids and the grid), and for
@@ -19,7 +20,7 @@ Loss (all implementations): token-mean cross-entropy of the shifted labels, i.e.
 with labels[t+1] != -100 of -log softmax(logits[t])[labels[t+1]], divided by the number of such positions
 (`token_mean_cross_entropy` is the numpy definition).
 
-Sizes (`config_for`): tiny (0.22 M), 120m (issue 14), mem109m / mem163m (issue 10's memory configs).
+Sizes (`config_for`): tiny (0.22 M), 120m (issue 14), mem109m / mem136m / mem163m (issue 10's memory configs).
 
     python bench/workloads.py --size 120m --workloads text512,image448 --work DIR
     # prints {"model": folder, "params": count, "batches": {workload: .npz}}
@@ -50,7 +51,7 @@ TINY_IDS = {"image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3
 QWEN_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
             "vision_end_token_id": 151653, "bos_token_id": 151643, "eos_token_id": 151645,
             "pad_token_id": 151643}  # fmt: skip
-WORKLOADS = ("text512", "text1024", "text2048", "image448")
+WORKLOADS = ("text512", "text1024", "text2048", "image448", "image224")
 
 
 def _qwen25_config(text: dict, vision: dict, ids: dict) -> dict:
@@ -92,8 +93,8 @@ def config_for(size: str) -> dict:
         vision = {"depth": 8, "hidden_size": 384, "intermediate_size": 1024, "num_heads": 6,
                   "fullatt_block_indexes": [3, 7]}  # fmt: skip
         return _qwen25_config(text, vision, QWEN_IDS)
-    if size in ("mem109m", "mem163m"):
-        layers, blocks = (2, 2) if size == "mem109m" else (6, 4)
+    if size in MEMORY_SIZES:
+        layers, blocks = MEMORY_SIZES[size]
         text = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": layers, "num_attention_heads": 16,
                 "num_key_value_heads": 2, "vocab_size": 32768, "tie_word_embeddings": False}  # fmt: skip
         vision = {"depth": blocks, "hidden_size": 640, "intermediate_size": 1728, "num_heads": 10,
@@ -101,10 +102,14 @@ def config_for(size: str) -> dict:
         return _qwen25_config(text, vision, {**QWEN_IDS, "image_token_id": 32001, "video_token_id": 32002,
                                              "vision_start_token_id": 32003, "vision_end_token_id": 32004,
                                              "bos_token_id": 32000, "eos_token_id": 32000, "pad_token_id": 32000})
-    raise ValueError(f"unknown size {size!r}: one of tiny, 120m, mem109m, mem163m")
+    raise ValueError(f"unknown size {size!r}: one of {', '.join(SIZES)}")
 
 
-SIZES = ("tiny", "120m", "mem109m", "mem163m")
+# issue 10's memory configs (text layers, vision blocks): 109.0 M and 163.0 M parameters, and one between
+MEMORY_SIZES = {"mem109m": (2, 2), "mem136m": (4, 3), "mem163m": (6, 4)}
+SIZES = ("tiny", "120m", *MEMORY_SIZES)
+# image workloads: image side in pixels, and the prompt and answer text tokens around the image
+IMAGES = {"image448": (448, 100), "image224": (224, 95)}
 
 
 def _text_settings(config: dict) -> dict:
@@ -153,10 +158,11 @@ def make_batch(workload: str, size: str | dict, seed: int = 0) -> dict[str, np.n
     if workload.startswith("text"):
         input_ids = tokens(int(workload[4:]))[None]
         batch = {"input_ids": input_ids, "labels": input_ids.copy()}
-    elif workload == "image448":
-        grid = np.array([[1, 448 // PATCH, 448 // PATCH]], np.int64)
+    elif workload in IMAGES:
+        side, text_tokens = IMAGES[workload]
+        grid = np.array([[1, side // PATCH, side // PATCH]], np.int64)
         n_image = int(grid.prod()) // MERGE**2
-        prompt, answer = tokens(100), tokens(100)
+        prompt, answer = tokens(text_tokens), tokens(text_tokens)
         row = np.concatenate([prompt, [ids["vision_start_token_id"]], np.full(n_image, ids["image_token_id"]),
                               [ids["vision_end_token_id"]], answer])  # fmt: skip
         input_ids = row[None]

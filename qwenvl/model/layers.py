@@ -24,45 +24,20 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
-from mindspore.ops import constexpr
 
 from qwenvl.constants import IGNORE_INDEX
+from qwenvl.model.device import on_ascend, on_cpu
 from qwenvl.model.weight_ops import MATMUL_NT, HalfOnCPU, Lookup, MatmulNT, WeightSource, attach_sources
 
-NEG_INF = -1e9
 DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
 
 
-@constexpr
-def on_ascend() -> bool:
-    """True when the fused Ascend kernels can be used (a compile-time constant inside `mindspore.jit`)."""
-    return ms.get_context("device_target") == "Ascend"
-
-
-@constexpr
-def on_cpu() -> bool:
-    return ms.get_context("device_target") == "CPU"
-
-
-_BMM = ops.BatchMatMul()
-_BMM_NT = ops.BatchMatMul(transpose_b=True)
-
-
 def matmul(a, b):
-    """ops.matmul in the inputs' dtype; the CPU backend has no half-precision MatMul kernel, so there
-    half-precision inputs are multiplied in float32 and the product rounded back (same storage precision)."""
+    """ops.matmul in the inputs' dtype; half precision on CPU is multiplied in float32 and rounded back (see
+    `weight_ops.HalfOnCPU` for why)."""
     if on_cpu() and a.dtype != ms.float32:
         return ops.cast(ops.matmul(ops.cast(a, ms.float32), ops.cast(b, ms.float32)), a.dtype)
     return ops.matmul(a, b)
-
-
-def batch_matmul(a, b, transpose_b: bool = False):
-    """a @ b (or a @ b^T) over equal leading batch axes, without materialising a transposed operand;
-    half precision is multiplied in float32 on CPU (no CPU kernel)."""
-    kernel = _BMM_NT if transpose_b else _BMM
-    if on_cpu() and a.dtype != ms.float32:
-        return ops.cast(kernel(ops.cast(a, ms.float32), ops.cast(b, ms.float32)), a.dtype)
-    return kernel(a, b)
 
 
 def expand_as(small, like):
@@ -75,31 +50,6 @@ def expand_as(small, like):
     return ops.broadcast_to(small, like.shape)
 
 
-@constexpr
-def _swapped_rows(batch: int, first: int, second: int) -> Tensor:
-    """Row order taking (batch, first, second) rows to (batch, second, first)."""
-    rows = np.arange(batch * first * second, dtype=np.int32).reshape(batch, first, second)
-    return Tensor(rows.transpose(0, 2, 1).reshape(-1))
-
-
-class SwapMiddleAxes(nn.Cell):
-    """(B, A, C, D) -> (B, C, A, D), e.g. (batch, length, heads, head_dim) to heads-major and back.
-
-    On CPU a row gather with a gather back in the backward pass: MindSpore's CPU Transpose kernel keeps an
-    8-byte index per element for the life of the compiled graph, once per transpose in the unrolled model.
-    """
-
-    def construct(self, x):
-        if on_ascend():
-            return ops.transpose(x, (0, 2, 1, 3))
-        b, a, c, d = x.shape
-        return ops.gather(x.reshape(b * a * c, d), _swapped_rows(b, a, c), 0).reshape(b, c, a, d)
-
-    def bprop(self, x, out, dout):
-        return (self.construct(dout),)
-
-
-swap_middle_axes = SwapMiddleAxes()
 
 
 def compute_dtype(name: str) -> ms.Type:
@@ -128,7 +78,7 @@ def parameter_dtype(dtype: ms.Type) -> Iterator[None]:
 
 
 def use_half_precision_on_cpu(model: nn.Cell, dtype: ms.Type) -> None:
-    """Half-precision weights on CPU are multiplied in float32 through `HalfOnCPU` sources (no CPU kernel)."""
+    """Half-precision weights on CPU are multiplied in float32 through `HalfOnCPU` sources."""
     if dtype != ms.float32 and ms.get_context("device_target") == "CPU":
         attach_sources(model, lambda param, shape: HalfOnCPU(shape, dtype))
 
@@ -347,44 +297,6 @@ class MRotaryEmbedding(nn.Cell):
         return ops.cos(emb), ops.sin(emb)
 
 
-# ------------------------------------------------------------------------------------------------ attention
-
-
-def repeat_kv(x, n_rep: int):
-    """(B, Hkv, L, D) -> (B, Hkv*n_rep, L, D), each kv head repeated n_rep times in place (HF repeat_kv)."""
-    if n_rep == 1:
-        return x
-    b, h, length, d = x.shape
-    return ops.broadcast_to(x[:, :, None], (b, h, n_rep, length, d)).reshape(b, h * n_rep, length, d)
-
-
-def attention(q, k, v, mask, scale: float):
-    """Softmax attention over (B, H, L, D) q and (B, Hkv, L, D) k/v with an additive float32 mask.
-
-    `mask` broadcasts to (B, H, L, L) with 0 where allowed and NEG_INF elsewhere. Returns (B, L, H*D).
-    On Ascend, half-precision inputs take the fused flash-attention kernel (it has no float32 mode).
-    """
-    if on_ascend() and q.dtype != ms.float32:
-        return _flash_attention(q, k, v, mask, scale)
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    scores = ops.cast(batch_matmul(q, k, transpose_b=True), ms.float32) * scale
-    probs = ops.cast(ops.softmax(scores + expand_as(mask, scores), -1), v.dtype)
-    out = swap_middle_axes(batch_matmul(probs, v))
-    b, length, h, d = out.shape
-    return out.reshape(b, length, h * d)
-
-
-def _flash_attention(q, k, v, mask, scale: float):
-    """Ascend fused attention with the same mask (True = masked out), BNSD layout."""
-    b, h, length, d = q.shape
-    n_rep = h // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    blocked = ops.cast(mask < NEG_INF / 2, ms.uint8)
-    out = ops.flash_attention_score(q, k, v, h, attn_mask=blocked, scalar_value=scale, input_layout="BNSD")
-    return swap_middle_axes(out).reshape(b, length, h * d)
-
-
 # --------------------------------------------------------------------------------------------------- loss
 
 
@@ -426,30 +338,6 @@ def set_recompute(cells: Sequence[nn.Cell]) -> None:
 
 
 # ----------------------------------------------------------------------------------- host-side (numpy)
-
-
-def segment_ids(length: int, cu_seqlens: np.ndarray) -> np.ndarray:
-    """(length,) index of the cu_seqlens segment each position falls in."""
-    return np.searchsorted(np.asarray(cu_seqlens)[1:], np.arange(length), side="right")
-
-
-def text_attention_mask(
-    batch_size: int, length: int, attention_mask: np.ndarray | None = None, cu_seqlens: np.ndarray | None = None
-) -> np.ndarray:
-    """Additive (B, 1, L, L) float32 mask: causal, keys not padding, and keys in the query's segment."""
-    allowed = np.broadcast_to(np.tril(np.ones((length, length), bool)), (batch_size, length, length)).copy()
-    if cu_seqlens is not None:
-        seg = segment_ids(length, cu_seqlens)
-        allowed &= (seg[:, None] == seg[None, :])[None]
-    if attention_mask is not None:
-        allowed &= np.asarray(attention_mask, bool)[:, None, :]
-    return np.where(allowed, 0.0, NEG_INF).astype(np.float32)[:, None]
-
-
-def block_attention_mask(cu_seqlens: np.ndarray, length: int) -> np.ndarray:
-    """Additive (1, 1, N, N) float32 mask letting positions attend only within their cu_seqlens block."""
-    seg = segment_ids(length, cu_seqlens)
-    return np.where(seg[:, None] == seg[None, :], 0.0, NEG_INF).astype(np.float32)[None, None]
 
 
 def frame_cu_seqlens(grid_thw: np.ndarray) -> np.ndarray:

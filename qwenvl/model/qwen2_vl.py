@@ -15,8 +15,14 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from qwenvl.model.attention import (
+    SegmentAttention,
+    segment_ids,
+    swap_middle_axes,
+    text_segment_ids,
+    with_tnd_lengths,
+)
 from qwenvl.model.layers import (
-    NEG_INF,
     Embedding,
     LayerNorm,
     Linear,
@@ -25,17 +31,13 @@ from qwenvl.model.layers import (
     RMSNorm,
     activation,
     apply_rotary,
-    attention,
-    block_attention_mask,
     causal_lm_loss_sum,
     compute_dtype,
     expand_as,
     frame_cu_seqlens,
     parameter_dtype,
-    set_recompute,
-    swap_middle_axes,
-    text_attention_mask,
     use_half_precision_on_cpu,
+    set_recompute,
     vision_rope_cos_sin,
     vision_rope_ids,
     vision_scatter_index,
@@ -83,7 +85,7 @@ class PatchEmbed(nn.Cell):
 
 
 class VisionAttention(nn.Cell):
-    """Bidirectional attention over (N, dim) patches with 2-D rotary and an additive block mask."""
+    """Bidirectional attention over (N, dim) patches with 2-D rotary, within segments (frames or windows)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -91,17 +93,17 @@ class VisionAttention(nn.Cell):
         self.proj = Linear(dim, dim)
         self.heads = heads
         self.head_dim = dim // heads
-        self.scale = self.head_dim**-0.5
+        self.attn = SegmentAttention(self.head_dim**-0.5, causal=False)
 
-    def construct(self, x, mask, cos, sin):
-        """x (N, dim); cos/sin (1, N, 1, head_dim); mask (1, 1, N, N)."""
+    def construct(self, x, segments, cos, sin, lengths=None):
+        """x (N, dim); cos/sin (1, N, 1, head_dim); segments (1, N)."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(1, n, 3, self.heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = swap_middle_axes(apply_rotary(q, cos, sin))
         k = swap_middle_axes(apply_rotary(k, cos, sin))
         v = swap_middle_axes(v)
-        return self.proj(attention(q, k, v, mask, self.scale)[0])
+        return self.proj(self.attn(q, k, v, segments, lengths)[0])
 
 
 class VisionMlp(nn.Cell):
@@ -139,8 +141,8 @@ class VisionBlock(nn.Cell):
         self.attn = VisionAttention(dim, heads)
         self.mlp = mlp
 
-    def construct(self, x, mask, cos, sin):
-        x = x + self.attn(self.norm1(x), mask, cos, sin)
+    def construct(self, x, segments, cos, sin, lengths=None):
+        x = x + self.attn(self.norm1(x), segments, cos, sin, lengths)
         return x + self.mlp(self.norm2(x))
 
 
@@ -170,14 +172,17 @@ class VisionTransformer(nn.Cell):
         self.merger = merger
         self.windowed = windowed
 
-    def construct(self, pixel_values, cos, sin, full_mask, window_mask=None, patch_order=None, merge_order=None):
+    def construct(self, pixel_values, cos, sin, full_segments, window_segments=None, patch_order=None,
+                  merge_order=None, full_lengths=None, window_lengths=None):  # fmt: skip
         x = self.patch_embed(pixel_values)
         if patch_order is not None:
             x = ops.gather(x, patch_order, 0)
         cos, sin = cos[None, :, None], sin[None, :, None]
         for index, block in enumerate(self.blocks):
-            mask = window_mask if self.windowed[index] else full_mask
-            x = block(x, mask, cos, sin)
+            if self.windowed[index]:
+                x = block(x, window_segments, cos, sin, window_lengths)
+            else:
+                x = block(x, full_segments, cos, sin, full_lengths)
         x = self.merger(x)
         if merge_order is not None:
             x = ops.gather(x, merge_order, 0)
@@ -236,15 +241,15 @@ class TextAttention(nn.Cell):
         self.k_proj = Linear(hidden, kv * self.head_dim)
         self.v_proj = Linear(hidden, kv * self.head_dim)
         self.o_proj = Linear(heads * self.head_dim, hidden, bias=False)
-        self.scale = self.head_dim**-0.5
+        self.attn = SegmentAttention(self.head_dim**-0.5, causal=True)
 
-    def construct(self, x, mask, cos, sin):
+    def construct(self, x, segments, cos, sin, lengths=None):
         b, length, _ = x.shape
         q = swap_middle_axes(self.q_proj(x).reshape(b, length, self.heads, self.head_dim))
         k = swap_middle_axes(self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim))
         v = swap_middle_axes(self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(attention(q, k, v, mask, self.scale))
+        return self.o_proj(self.attn(q, k, v, segments, lengths))
 
 
 class DecoderLayer(nn.Cell):
@@ -256,8 +261,8 @@ class DecoderLayer(nn.Cell):
         self.input_layernorm = RMSNorm(text["hidden_size"], eps)
         self.post_attention_layernorm = RMSNorm(text["hidden_size"], eps)
 
-    def construct(self, x, mask, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
+    def construct(self, x, segments, cos, sin, lengths=None):
+        x = x + self.self_attn(self.input_layernorm(x), segments, cos, sin, lengths)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -270,12 +275,12 @@ class LanguageModel(nn.Cell):
         section = text["rope_scaling"]["mrope_section"]
         self.rotary = MRotaryEmbedding(text["hidden_size"] // text["num_attention_heads"], text["rope_theta"], section)
 
-    def construct(self, embeds, mask, position_ids):
+    def construct(self, embeds, segments, position_ids, lengths=None):
         cos, sin = self.rotary(position_ids)
         cos, sin = cos[:, None], sin[:, None]
         x = embeds
         for layer in self.layers:
-            x = layer(x, mask, cos, sin)
+            x = layer(x, segments, cos, sin, lengths)
         return self.norm(x)
 
 
@@ -336,10 +341,10 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
             "input_ids": input_ids.astype(np.int32),
             "labels": np.asarray(batch["labels"]).astype(np.int32),
             "position_ids": np.asarray(batch["position_ids"]).astype(np.int32),
-            "attention_mask": text_attention_mask(bsz, length, batch.get("attention_mask"), batch.get("cu_seqlens")),
+            "text_segments": text_segment_ids(bsz, length, batch.get("attention_mask"), batch.get("cu_seqlens")),
         }
         arrays.update(self._vision_arrays(batch, input_ids))
-        return {name: Tensor(value) for name, value in arrays.items()}
+        return {name: Tensor(value) for name, value in with_tnd_lengths(arrays).items()}
 
     def _vision_arrays(self, batch: dict, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         unit = self.merge * self.merge
@@ -375,7 +380,7 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
             "pixel_values": np.concatenate(pixels + [padding]),
             "vision_cos": cos,
             "vision_sin": sin,
-            "vision_full_mask": block_attention_mask(np.append(frames, n), n),
+            "vision_full_segments": segment_ids(n, np.append(frames, n))[None],
             **extra,
             "vision_index": index,
             "vision_slots": slots,
@@ -383,38 +388,42 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
 
     # ----------------------------------------------------------------------------------- graph side
 
-    def _hidden(self, input_ids, position_ids, attention_mask, pixel_values, vision_cos, vision_sin,
-                vision_full_mask, vision_window_mask, vision_patch_order, vision_merge_order,
-                vision_index, vision_slots):  # fmt: skip
+    def _hidden(self, input_ids, position_ids, text_segments, pixel_values, vision_cos, vision_sin,
+                vision_full_segments, vision_window_segments, vision_patch_order, vision_merge_order,
+                vision_index, vision_slots, text_lengths, vision_full_lengths, vision_window_lengths):  # fmt: skip
         lm = self.model.language_model
         x = ops.cast(lm.embed_tokens(input_ids), self.compute_dtype)
         if pixel_values is not None:
             pixels = ops.cast(pixel_values, self.compute_dtype)
-            feats = self.model.visual(pixels, vision_cos, vision_sin, vision_full_mask, vision_window_mask,
-                                      vision_patch_order, vision_merge_order)  # fmt: skip
+            feats = self.model.visual(pixels, vision_cos, vision_sin, vision_full_segments, vision_window_segments,
+                                      vision_patch_order, vision_merge_order, vision_full_lengths,
+                                      vision_window_lengths)  # fmt: skip
             slots = expand_as(ops.cast(vision_slots, self.compute_dtype), x)
             x = x * (1 - slots) + ops.gather(feats, vision_index, 0) * slots
-        if attention_mask is None:
-            length = input_ids.shape[1]
-            attention_mask = (1 - ops.tril(ops.ones((length, length), ms.float32))) * NEG_INF
-        return lm(x, attention_mask, position_ids)
+        if text_segments is None:  # one causal sequence per row
+            text_segments = ops.zeros(input_ids.shape, ms.int32)
+        return lm(x, text_segments, position_ids, text_lengths)
 
-    def logits(self, input_ids, labels=None, position_ids=None, attention_mask=None, pixel_values=None,
-               vision_cos=None, vision_sin=None, vision_full_mask=None, vision_window_mask=None,
-               vision_patch_order=None, vision_merge_order=None, vision_index=None, vision_slots=None):  # fmt: skip
+    def logits(self, input_ids, labels=None, position_ids=None, text_segments=None, pixel_values=None,
+               vision_cos=None, vision_sin=None, vision_full_segments=None, vision_window_segments=None,
+               vision_patch_order=None, vision_merge_order=None, vision_index=None, vision_slots=None,
+               text_lengths=None, vision_full_lengths=None, vision_window_lengths=None):  # fmt: skip
         """(B, L, vocab) float32 logits."""
-        hidden = self._hidden(input_ids, position_ids, attention_mask, pixel_values, vision_cos, vision_sin,
-                              vision_full_mask, vision_window_mask, vision_patch_order, vision_merge_order,
-                              vision_index, vision_slots)  # fmt: skip
+        hidden = self._hidden(input_ids, position_ids, text_segments, pixel_values, vision_cos, vision_sin,
+                              vision_full_segments, vision_window_segments, vision_patch_order, vision_merge_order,
+                              vision_index, vision_slots, text_lengths, vision_full_lengths,
+                              vision_window_lengths)  # fmt: skip
         return ops.cast(self.lm_head(hidden), ms.float32)
 
-    def construct(self, input_ids, labels, position_ids, attention_mask=None, pixel_values=None,
-                  vision_cos=None, vision_sin=None, vision_full_mask=None, vision_window_mask=None,
-                  vision_patch_order=None, vision_merge_order=None, vision_index=None, vision_slots=None):  # fmt: skip
+    def construct(self, input_ids, labels, position_ids, text_segments=None, pixel_values=None,
+                  vision_cos=None, vision_sin=None, vision_full_segments=None, vision_window_segments=None,
+                  vision_patch_order=None, vision_merge_order=None, vision_index=None, vision_slots=None,
+                  text_lengths=None, vision_full_lengths=None, vision_window_lengths=None):  # fmt: skip
         """(loss_sum, n_tokens): summed shifted cross-entropy over supervised targets and their count."""
-        logits = self.logits(input_ids, labels, position_ids, attention_mask, pixel_values, vision_cos, vision_sin,
-                             vision_full_mask, vision_window_mask, vision_patch_order, vision_merge_order,
-                             vision_index, vision_slots)  # fmt: skip
+        logits = self.logits(input_ids, labels, position_ids, text_segments, pixel_values, vision_cos, vision_sin,
+                             vision_full_segments, vision_window_segments, vision_patch_order, vision_merge_order,
+                             vision_index, vision_slots, text_lengths, vision_full_lengths,
+                             vision_window_lengths)  # fmt: skip
         return causal_lm_loss_sum(logits, labels)
 
 
@@ -445,7 +454,7 @@ class Qwen2_5_VLForConditionalGeneration(_Qwen2FamilyForConditionalGeneration):
         order = np.concatenate([order, np.arange(n_real // unit, n // unit)])
         patch_order = (order[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
         return {
-            "vision_window_mask": block_attention_mask(np.append(cu_window, n), n),
+            "vision_window_segments": segment_ids(n, np.append(cu_window, n))[None],
             "vision_patch_order": patch_order.astype(np.int32),
             "vision_merge_order": np.argsort(order).astype(np.int32),
         }

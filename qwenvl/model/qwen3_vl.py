@@ -20,6 +20,13 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.ops.function.math_func import gmm
 
+from qwenvl.model.attention import (
+    SegmentAttention,
+    segment_ids,
+    swap_middle_axes,
+    text_segment_ids,
+    with_tnd_lengths,
+)
 from qwenvl.model.layers import (
     Embedding,
     LayerNorm,
@@ -29,8 +36,6 @@ from qwenvl.model.layers import (
     RMSNorm,
     activation,
     apply_rotary,
-    attention,
-    block_attention_mask,
     causal_lm_loss_sum,
     compute_dtype,
     expand_as,
@@ -39,10 +44,8 @@ from qwenvl.model.layers import (
     matmul,
     on_ascend,
     parameter_dtype,
-    set_recompute,
-    swap_middle_axes,
-    text_attention_mask,
     use_half_precision_on_cpu,
+    set_recompute,
     vision_rope_cos_sin,
     vision_rope_ids,
     vision_scatter_index,
@@ -107,16 +110,16 @@ class Qwen3VLVisionAttention(nn.Cell):
         self.head_dim = dim // self.heads
         self.qkv = Linear(dim, 3 * dim)
         self.proj = Linear(dim, dim)
+        self.attn = SegmentAttention(self.head_dim**-0.5, causal=False)
 
-    def construct(self, x, mask, cos, sin):
+    def construct(self, x, segments, cos, sin, lengths=None):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (N, heads, head_dim)
         q = swap_middle_axes(apply_rotary(q, cos, sin)[None])
         k = swap_middle_axes(apply_rotary(k, cos, sin)[None])
         v = swap_middle_axes(v[None])
-        out = attention(q, k, v, mask, self.head_dim**-0.5)  # (1, N, dim)
-        return self.proj(out[0])
+        return self.proj(self.attn(q, k, v, segments, lengths)[0])
 
 
 class Qwen3VLVisionMLP(nn.Cell):
@@ -138,8 +141,8 @@ class Qwen3VLVisionBlock(nn.Cell):
         self.attn = Qwen3VLVisionAttention(vc)
         self.mlp = Qwen3VLVisionMLP(vc)
 
-    def construct(self, x, mask, cos, sin):
-        x = x + self.attn(self.norm1(x), mask, cos, sin)
+    def construct(self, x, segments, cos, sin, lengths=None):
+        x = x + self.attn(self.norm1(x), segments, cos, sin, lengths)
         return x + self.mlp(self.norm2(x))
 
 
@@ -177,13 +180,13 @@ class Qwen3VLVisionModel(nn.Cell):
             [Qwen3VLVisionPatchMerger(vc, postshuffle_norm=True) for _ in self.deepstack_indexes]
         )
 
-    def construct(self, pixel_values, mask, cos, sin, pos_index, pos_weight):
+    def construct(self, pixel_values, segments, cos, sin, pos_index, pos_weight, lengths=None):
         x = self.patch_embed(pixel_values)
         corners = ops.cast(self.pos_embed(pos_index.reshape(-1)), x.dtype).reshape(4, -1, x.shape[-1])
         x = x + (corners * expand_as(ops.cast(pos_weight, x.dtype)[..., None], corners)).sum(0)
         deepstack = ()
         for index, block in enumerate(self.blocks):
-            x = block(x, mask, cos, sin)
+            x = block(x, segments, cos, sin, lengths)
             for slot, deep_index in enumerate(self.deepstack_indexes):
                 if index == deep_index:
                     deepstack = deepstack + (self.deepstack_merger_list[slot](x),)
@@ -232,14 +235,15 @@ class Qwen3VLTextAttention(nn.Cell):
         self.o_proj = Linear(self.heads * self.head_dim, tc["hidden_size"], bias)
         self.q_norm = RMSNorm(self.head_dim, tc["rms_norm_eps"])
         self.k_norm = RMSNorm(self.head_dim, tc["rms_norm_eps"])
+        self.attn = SegmentAttention(self.head_dim**-0.5, causal=True)
 
-    def construct(self, x, mask, cos, sin):
+    def construct(self, x, segments, cos, sin, lengths=None):
         b, length, _ = x.shape
         q = swap_middle_axes(self.q_norm(self.q_proj(x).reshape(b, length, self.heads, self.head_dim)))
         k = swap_middle_axes(self.k_norm(self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim)))
         v = swap_middle_axes(self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(attention(q, k, v, mask, self.head_dim**-0.5))
+        return self.o_proj(self.attn(q, k, v, segments, lengths))
 
 
 class Qwen3VLTextMLP(nn.Cell):
@@ -335,8 +339,8 @@ class Qwen3VLTextDecoderLayer(nn.Cell):
         )
         self.mlp = Qwen3VLMoeTextSparseMoeBlock(tc) if sparse else Qwen3VLTextMLP(tc, tc["intermediate_size"])
 
-    def construct(self, x, mask, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
+    def construct(self, x, segments, cos, sin, lengths=None):
+        x = x + self.self_attn(self.input_layernorm(x), segments, cos, sin, lengths)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -396,12 +400,10 @@ class Qwen3VLForConditionalGeneration(nn.Cell):
         if batch.get("position_ids") is None:
             raise ValueError("batch has no position_ids: compute them with qwenvl.data.rope2d.get_rope_index_3")
         inputs = {
-            "input_ids": Tensor(input_ids.astype(np.int32)),
-            "labels": Tensor(np.asarray(batch["labels"]).astype(np.int32)),
-            "position_ids": Tensor(np.asarray(batch["position_ids"]).astype(np.int32)),
-            "attention_mask": Tensor(
-                text_attention_mask(bsz, length, batch.get("attention_mask"), batch.get("cu_seqlens"))
-            ),
+            "input_ids": input_ids.astype(np.int32),
+            "labels": np.asarray(batch["labels"]).astype(np.int32),
+            "position_ids": np.asarray(batch["position_ids"]).astype(np.int32),
+            "text_segments": text_segment_ids(bsz, length, batch.get("attention_mask"), batch.get("cu_seqlens")),
         }
         grids, pixels = [], []
         for grid_key, pixel_key in (("image_grid_thw", "pixel_values"), ("video_grid_thw", "pixel_values_videos")):
@@ -414,7 +416,7 @@ class Qwen3VLForConditionalGeneration(nn.Cell):
         n_merged = [int(g.prod(-1).sum()) // self.merge**2 for g in grids]
         index, slots = vision_scatter_index(input_ids, self.image_token_id, self.video_token_id, *n_merged)
         if sum(n_merged) == 0:
-            return inputs
+            return {name: Tensor(value) for name, value in with_tnd_lengths(inputs).items()}
         grid = np.concatenate(grids)
         n_patches = int(grid.prod(-1).sum())
         pixel_values = np.concatenate([p for g, p in zip(grids, pixels) if len(g)])
@@ -423,53 +425,56 @@ class Qwen3VLForConditionalGeneration(nn.Cell):
         cos, sin = vision_rope_cos_sin(vision_rope_ids(grid, self.merge), self.vision_head_dim)
         pos_index, pos_weight = pos_embed_interpolation(grid, self.num_positions, self.merge)
         inputs.update(
-            pixel_values=Tensor(pixel_values),
-            vision_mask=Tensor(block_attention_mask(frame_cu_seqlens(grid), n_patches)),
-            vision_cos=Tensor(cos[:, None]),
-            vision_sin=Tensor(sin[:, None]),
-            pos_index=Tensor(pos_index),
-            pos_weight=Tensor(pos_weight),
-            vision_index=Tensor(index),
-            vision_slots=Tensor(slots),
+            pixel_values=pixel_values,
+            vision_segments=segment_ids(n_patches, frame_cu_seqlens(grid))[None],
+            vision_cos=cos[:, None],
+            vision_sin=sin[:, None],
+            pos_index=pos_index,
+            pos_weight=pos_weight,
+            vision_index=index,
+            vision_slots=slots,
         )
-        return inputs
+        return {name: Tensor(value) for name, value in with_tnd_lengths(inputs).items()}
 
-    def _hidden(self, input_ids, position_ids, attention_mask, pixel_values, vision_mask, vision_cos, vision_sin,
-                pos_index, pos_weight, vision_index, vision_slots):  # fmt: skip
+    def _hidden(self, input_ids, position_ids, text_segments, pixel_values, vision_segments, vision_cos, vision_sin,
+                pos_index, pos_weight, vision_index, vision_slots, text_lengths, vision_lengths):  # fmt: skip
         lm = self.model.language_model
         x = ops.cast(lm.embed_tokens(input_ids), self.compute_dtype)
         deepstack = ()
         if pixel_values is not None:
-            feats, deep = self.model.visual(
-                ops.cast(pixel_values, self.compute_dtype), vision_mask, vision_cos, vision_sin, pos_index, pos_weight
-            )
+            feats, deep = self.model.visual(ops.cast(pixel_values, self.compute_dtype), vision_segments, vision_cos,
+                                            vision_sin, pos_index, pos_weight, vision_lengths)  # fmt: skip
             slots = expand_as(ops.cast(vision_slots, ms.bool_), x)
             x = ops.select(slots, ops.gather(feats, vision_index, 0), x)
             weight = expand_as(ops.cast(vision_slots, x.dtype), x)
             for feature in deep:
                 deepstack = deepstack + (ops.gather(feature, vision_index, 0) * weight,)
+        if text_segments is None:  # one causal sequence per row
+            text_segments = ops.zeros(input_ids.shape, ms.int32)
         cos, sin = lm.rotary(position_ids)
         cos, sin = cos[:, None], sin[:, None]
         for index, layer in enumerate(lm.layers):
-            x = layer(x, attention_mask, cos, sin)
+            x = layer(x, text_segments, cos, sin, text_lengths)
             if index < len(deepstack):
                 x = x + deepstack[index]
         return lm.norm(x)
 
-    def logits(self, input_ids, labels, position_ids, attention_mask=None, pixel_values=None, vision_mask=None,
+    def logits(self, input_ids, labels, position_ids, text_segments=None, pixel_values=None, vision_segments=None,
                vision_cos=None, vision_sin=None, pos_index=None, pos_weight=None, vision_index=None,
-               vision_slots=None):  # fmt: skip
+               vision_slots=None, text_lengths=None, vision_lengths=None):  # fmt: skip
         """(B, L, vocab) float32 logits."""
-        hidden = self._hidden(input_ids, position_ids, attention_mask, pixel_values, vision_mask, vision_cos,
-                              vision_sin, pos_index, pos_weight, vision_index, vision_slots)  # fmt: skip
+        hidden = self._hidden(input_ids, position_ids, text_segments, pixel_values, vision_segments, vision_cos,
+                              vision_sin, pos_index, pos_weight, vision_index, vision_slots, text_lengths,
+                              vision_lengths)  # fmt: skip
         return ops.cast(self.lm_head(hidden), ms.float32)
 
-    def construct(self, input_ids, labels, position_ids, attention_mask=None, pixel_values=None, vision_mask=None,
+    def construct(self, input_ids, labels, position_ids, text_segments=None, pixel_values=None, vision_segments=None,
                   vision_cos=None, vision_sin=None, pos_index=None, pos_weight=None, vision_index=None,
-                  vision_slots=None):  # fmt: skip
+                  vision_slots=None, text_lengths=None, vision_lengths=None):  # fmt: skip
         """(loss_sum, n_tokens): summed shifted cross-entropy over supervised targets and their count."""
-        logits = self.logits(input_ids, labels, position_ids, attention_mask, pixel_values, vision_mask, vision_cos,
-                             vision_sin, pos_index, pos_weight, vision_index, vision_slots)  # fmt: skip
+        logits = self.logits(input_ids, labels, position_ids, text_segments, pixel_values, vision_segments,
+                             vision_cos, vision_sin, pos_index, pos_weight, vision_index, vision_slots, text_lengths,
+                             vision_lengths)  # fmt: skip
         return causal_lm_loss_sum(logits, labels)
 
 

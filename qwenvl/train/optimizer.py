@@ -66,6 +66,11 @@ class _FusedAdamW(nn.Cell):
         return token
 
 
+def _zeros(shape: tuple[int, ...], name: str) -> Parameter:
+    """A float32 moment, allocated by MindSpore (no host array of the tensor's size on the way)."""
+    return Parameter(ops.zeros(shape, ms.float32), name=name, requires_grad=False)
+
+
 def _fp32_parameter(value: np.ndarray, name: str) -> Parameter:
     return Parameter(Tensor(np.ascontiguousarray(value, np.float32)), name=name, requires_grad=False)
 
@@ -93,8 +98,8 @@ class AdamW:
             if slot.spec.world == 1:
                 copies.append(slot.param)
                 copy_index.append(index)
-        self.exp_avg = [_fp32_parameter(np.zeros(s.local_shape), f"exp_avg.{s.name}") for s in self.slots]
-        self.exp_avg_sq = [_fp32_parameter(np.zeros(s.local_shape), f"exp_avg_sq.{s.name}") for s in self.slots]
+        self.exp_avg = [_zeros(s.local_shape, f"exp_avg.{s.name}") for s in self.slots]
+        self.exp_avg_sq = [_zeros(s.local_shape, f"exp_avg_sq.{s.name}") for s in self.slots]
         self._kernel = _FusedAdamW(self.masters, self.exp_avg, self.exp_avg_sq, [s.lr for s in self.slots],
                                    [s.weight_decay for s in self.slots], copies, copy_index, self.betas, self.eps)  # fmt: skip
         self._kernel_fn = ms.jit(self._kernel.construct)

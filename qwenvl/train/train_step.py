@@ -98,6 +98,7 @@ class TrainStep:
                  before_micro_batch: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.model = model
         self.before_micro_batch = before_micro_batch  # called with each micro-batch's index (dropout keys)
+        self.on_phase: Callable[[str], None] | None = None  # told when each phase of a step ends (memory probes)
         self.optimizer = optimizer
         self.partition = optimizer.partition
         self.dp = self.partition.dp
@@ -133,10 +134,12 @@ class TrainStep:
             grads = self.partition.micro_batch(grads, micro_grads)
             losses.append(loss_sum)
             counts.append(n_tokens)
+            self._phase("forward_backward")
         loss_sum, n_tokens = (float(t) for t in self.dp.all_reduce_sum([ops.addn(losses), ops.addn(counts)]))
         if n_tokens == 0:
             return self._skip("no supervised tokens in the global batch", math.nan, math.nan, 0)
         grads = self.partition.step_gradients(grads)
+        self._phase("gradient_reduction")
         factor = 1.0 / (n_tokens * scale)
         norm = math.sqrt(self.partition.sum_over_ranks(float(_squared_sum(ms.mutable(tuple(grads)))))) * factor
         loss = loss_sum / n_tokens
@@ -148,7 +151,12 @@ class TrainStep:
             return self._skip(reason, loss, norm, int(n_tokens))
         clip = min(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm > 0 else 1.0
         self.optimizer.step(grads, factor * clip, lr_factor)
+        self._phase("optimizer_step")
         return StepMetrics(loss, norm, int(n_tokens), False, self._current_scale())
+
+    def _phase(self, name: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(name)
 
     def _current_scale(self) -> float:
         return self.loss_scale.scale if self.loss_scale else 1.0

@@ -1,0 +1,237 @@
+"""Attention within segments (the samples of a packed row, the real tokens of a padded row, the frames and
+windows of the vision towers), described by one segment id per position: O(L) inputs, no L x L mask.
+
+Ascend: the fused flash-attention kernel in TND layout, the segments given as cumulative lengths
+(`tnd_lengths`, built on the host). Elsewhere (the CPU twin, what the tests run): the same maths in blocks of
+query rows, the mask of each block built inside the graph from the segment ids, and a hand-written backward
+that recomputes each block's probabilities from the saved log-sum-exp, as flash attention does: what is kept
+for the backward pass is q, k, v, the output and one number per row, never a (rows x keys) tensor, so memory
+grows linearly with the sequence and with the number of packed samples. Causal blocks stop at their last row.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+from mindspore.ops import constexpr
+
+from qwenvl.model.device import on_ascend
+
+NEG_INF = -1e9
+QUERY_BLOCK = 512  # rows per block on CPU: the largest transient is (batch, heads, 512, keys) scores
+
+_BMM = ops.BatchMatMul()
+_BMM_NT = ops.BatchMatMul(transpose_b=True)
+_BMM_TN = ops.BatchMatMul(transpose_a=True)
+
+
+@constexpr
+def _causal_block(rows: int, start: int, keys: int) -> Tensor:
+    """(rows, keys) bool: query start + i may see key j <= start + i."""
+    return Tensor(np.arange(keys)[None, :] <= (start + np.arange(rows))[:, None])
+
+
+@constexpr
+def _query_blocks(length: int, block: int, causal: bool) -> tuple:
+    """(start, stop, keys) per block of query rows: causal blocks see keys up to their last row."""
+    spans = [(start, min(start + block, length)) for start in range(0, length, block)]
+    return tuple((start, stop, stop if causal else length) for start, stop in spans)
+
+
+def _f32(x):
+    return ops.cast(x, ms.float32)
+
+
+def _expand(small, like):
+    """Explicit broadcast (MindSpore's CPU kernels for implicitly broadcasting binary ops keep index maps)."""
+    return ops.broadcast_to(small, like.shape)
+
+
+def _repeat_heads(x, n_rep: int):
+    """(B, Hkv, L, D) -> (B, Hkv*n_rep, L, D), each kv head repeated in place (HF repeat_kv)."""
+    if n_rep == 1:
+        return x
+    b, h, length, d = x.shape
+    return ops.broadcast_to(x[:, :, None], (b, h, n_rep, length, d)).reshape(b, h * n_rep, length, d)
+
+
+def _sum_heads(x, n_rep: int):
+    """The gradient of `_repeat_heads`: (B, Hkv*n_rep, L, D) summed back to (B, Hkv, L, D)."""
+    if n_rep == 1:
+        return x
+    b, h, length, d = x.shape
+    return x.reshape(b, h // n_rep, n_rep, length, d).sum(2)
+
+
+class _BlockedAttention(nn.Cell):
+    """softmax(q k^T * scale + mask) v over query blocks; returns (out, log-sum-exp); backward recomputes."""
+
+    def __init__(self, scale: float, causal: bool, block: int = QUERY_BLOCK) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self.causal = causal
+        self.block = int(block)
+
+    def _scores(self, q, k, seg, start: int, stop: int, keys: int):
+        """Masked, scaled float32 scores of rows [start, stop) against keys [0, keys): (B, H, rows, keys)."""
+        scores = _BMM_NT(_f32(q[:, :, start:stop]), _f32(k[:, :, :keys])) * self.scale
+        shape = (seg.shape[0], stop - start, keys)
+        rows = seg[:, start:stop]
+        rows = ops.select(rows < 0, -rows - 1, rows)  # padding queries belong to their row's segment
+        allowed = ops.broadcast_to(rows[:, :, None], shape) == ops.broadcast_to(seg[:, None, :keys], shape)
+        if self.causal:
+            allowed = ops.logical_and(allowed, _expand(_causal_block(stop - start, start, keys), allowed))
+        bias = ops.select(allowed, ops.zeros(allowed.shape, ms.float32), ops.fill(ms.float32, allowed.shape, NEG_INF))
+        return scores + _expand(bias[:, None], scores)
+
+    def construct(self, q, k, v, seg):
+        n_rep = q.shape[1] // k.shape[1]
+        k, v = _repeat_heads(k, n_rep), _repeat_heads(v, n_rep)
+        outs, lses = [], []
+        for start, stop, keys in _query_blocks(q.shape[2], self.block, self.causal):
+            scores = self._scores(q, k, seg, start, stop, keys)
+            top = ops.stop_gradient(scores.max(-1, keepdims=True))
+            weights = ops.exp(scores - _expand(top, scores))
+            total = weights.sum(-1, keepdims=True)
+            probs = weights * _expand(1.0 / total, weights)
+            outs.append(ops.cast(_BMM(probs, _f32(v[:, :, :keys])), q.dtype))
+            lses.append(top + ops.log(total))
+        return ops.cat(outs, 2), ops.cat(lses, 2)
+
+    def bprop(self, q, k, v, seg, out, dout):
+        # everything recomputed here waits for the incoming gradient: the scheduler would otherwise run the
+        # recomputation of every layer at the start of the backward pass, keeping all of them at once
+        d_out = _f32(dout[0])
+        q, k, v = ops.depend(q, d_out), ops.depend(k, d_out), ops.depend(v, d_out)
+        n_rep = q.shape[1] // k.shape[1]
+        kr, vr = _repeat_heads(k, n_rep), _repeat_heads(v, n_rep)
+        output, lse = out
+        length = q.shape[2]
+        dq_blocks = []
+        dk = ops.zeros(kr.shape, ms.float32)
+        dv = ops.zeros(vr.shape, ms.float32)
+        for start, stop, keys in _query_blocks(length, self.block, self.causal):
+            scores = self._scores(q, kr, seg, start, stop, keys)
+            probs = ops.exp(scores - _expand(lse[:, :, start:stop], scores))
+            grad_out = d_out[:, :, start:stop]
+            dv_block = _BMM_TN(probs, grad_out)  # (B, H, keys, D)
+            d_probs = _BMM_NT(grad_out, _f32(vr[:, :, :keys]))
+            delta = (grad_out * _f32(output[:, :, start:stop])).sum(-1, keepdims=True)
+            d_scores = probs * (d_probs - _expand(delta, d_probs)) * self.scale
+            dq_blocks.append(_BMM(d_scores, _f32(kr[:, :, :keys])))
+            dk_block = _BMM_TN(d_scores, _f32(q[:, :, start:stop]))
+            if keys < length:
+                pad = ops.zeros((dk.shape[0], dk.shape[1], length - keys, dk.shape[3]), ms.float32)
+                dv_block, dk_block = ops.cat((dv_block, pad), 2), ops.cat((dk_block, pad), 2)
+            dv = dv + dv_block
+            dk = dk + dk_block
+        dq = ops.cast(ops.cat(dq_blocks, 2), q.dtype)
+        return dq, ops.cast(_sum_heads(dk, n_rep), k.dtype), ops.cast(_sum_heads(dv, n_rep), v.dtype), ops.zeros_like(seg)
+
+
+class SegmentAttention(nn.Cell):
+    """Attention of (B, H, L, D) queries on (B, Hkv, L, D) keys/values within equal segment ids (B, L),
+    causal or not; returns (B, L, H*D). A negative id -(s + 1) marks padding: seen by no query, itself
+    querying segment s. `lengths` (Ascend only): `tnd_lengths` of the same ids, where padding forms its own
+    segments (their outputs are never used)."""
+
+    def __init__(self, scale: float, causal: bool) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self.causal = causal
+        self.core = _BlockedAttention(scale, causal)
+
+    def construct(self, q, k, v, seg, lengths=None):
+        b, h, length, d = q.shape
+        if on_ascend() and lengths is not None and q.dtype != ms.float32:
+            return self._flash(q, k, v, lengths).reshape(b, length, h * d)
+        out, _ = self.core(q, k, v, seg)
+        return swap_middle_axes(out).reshape(b, length, h * d)
+
+    def _flash(self, q, k, v, lengths):
+        """Ascend's fused kernel in TND layout: (B*L, heads, D) with the segments' cumulative lengths."""
+        b, h, length, d = q.shape
+        tokens = lambda t: swap_middle_axes(t).reshape(b * length, t.shape[1], d)  # noqa: E731
+        sparse = 3 if self.causal else 0
+        return ops.flash_attention_score(tokens(q), tokens(k), tokens(v), h, attn_mask=_causal_2048(self.causal),
+                                         actual_seq_qlen=lengths, actual_seq_kvlen=lengths, scalar_value=self.scale,
+                                         pre_tokens=2147483647, next_tokens=0 if self.causal else 2147483647,
+                                         input_layout="TND", sparse_mode=sparse)  # fmt: skip
+
+
+@constexpr
+def _causal_2048(causal: bool):
+    """The compressed causal mask flash attention takes with sparse_mode 3 (True above the diagonal)."""
+    if not causal:
+        return None
+    return Tensor(np.triu(np.ones((2048, 2048), np.uint8), 1))
+
+
+@constexpr
+def _swapped_rows(batch: int, first: int, second: int) -> Tensor:
+    """Row order taking (batch, first, second) rows to (batch, second, first)."""
+    rows = np.arange(batch * first * second, dtype=np.int32).reshape(batch, first, second)
+    return Tensor(rows.transpose(0, 2, 1).reshape(-1))
+
+
+class SwapMiddleAxes(nn.Cell):
+    """(B, A, C, D) -> (B, C, A, D), e.g. (batch, length, heads, head_dim) to heads-major and back.
+
+    On CPU a row gather with a gather back in the backward pass: MindSpore's CPU Transpose kernel keeps an
+    8-byte index per element for the life of the compiled graph, once per transpose in the unrolled model.
+    """
+
+    def construct(self, x):
+        if on_ascend():
+            return ops.transpose(x, (0, 2, 1, 3))
+        b, a, c, d = x.shape
+        return ops.gather(x.reshape(b * a * c, d), _swapped_rows(b, a, c), 0).reshape(b, c, a, d)
+
+    def bprop(self, x, out, dout):
+        return (self.construct(dout),)
+
+
+swap_middle_axes = SwapMiddleAxes()
+
+
+# ----------------------------------------------------------------------------------- host-side (numpy)
+
+
+def segment_ids(length: int, cu_seqlens: np.ndarray) -> np.ndarray:
+    """(length,) index of the cu_seqlens segment each position falls in."""
+    return np.searchsorted(np.asarray(cu_seqlens)[1:], np.arange(length), side="right").astype(np.int32)
+
+
+def text_segment_ids(batch_size: int, length: int, attention_mask: np.ndarray | None = None,
+                     cu_seqlens: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """(B, L) int32 segment ids of the language model: the samples of a flattened/packed row (`cu_seqlens`),
+    and padding (`attention_mask` False) as -(s + 1): no query sees it as a key, and as a query it belongs to
+    segment s, seeing the real keys before it as Hugging Face's padding mask does (its output is unused)."""
+    seg = np.zeros((batch_size, length), np.int32)
+    if cu_seqlens is not None:
+        seg[:] = segment_ids(length, cu_seqlens)[None]
+    if attention_mask is not None:
+        seg = np.where(np.asarray(attention_mask, bool), seg, -seg - 1).astype(np.int32)
+    return seg
+
+
+def tnd_lengths(segments: np.ndarray) -> np.ndarray:
+    """Cumulative lengths (int64) of the runs of equal ids over the flattened (B*L) positions: flash attention's
+    actual_seq_qlen/kvlen in TND layout. A row boundary always ends a run."""
+    seg = np.asarray(segments)
+    flat = seg.reshape(-1)
+    starts = np.ones(flat.size, bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[:: seg.shape[-1]] = True
+    bounds = np.append(np.flatnonzero(starts)[1:], flat.size)
+    return bounds.astype(np.int64)
+
+
+def with_tnd_lengths(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """On Ascend, each `<name>_segments` input gets its `<name>_lengths` (flash attention's TND lengths);
+    elsewhere the inputs are returned as they are (an unused input would still be part of the compiled shape)."""
+    if ms.get_context("device_target") != "Ascend":
+        return arrays
+    lengths = {k.replace("_segments", "_lengths"): tnd_lengths(v) for k, v in arrays.items() if k.endswith("_segments")}
+    return {**arrays, **lengths}

@@ -1,0 +1,128 @@
+"""Segment attention (blocked, recomputing backward) against a dense-mask softmax attention; the O(L) host inputs
+that describe segments; the flash-attention TND lengths the Ascend path receives."""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn, ops
+
+from qwenvl.model.attention import (
+    SegmentAttention,
+    _BlockedAttention,
+    segment_ids,
+    text_segment_ids,
+    tnd_lengths,
+    with_tnd_lengths,
+)
+
+
+def _dense(q, k, v, seg, scale, causal):
+    """The reference: an explicit (B, H, L, L) additive mask and softmax, as the models did before."""
+    b, h, length, d = q.shape
+    n_rep = h // k.shape[1]
+    k = ops.repeat_interleave(k, n_rep, 1) if n_rep > 1 else k
+    v = ops.repeat_interleave(v, n_rep, 1) if n_rep > 1 else v
+    seg_np = seg.asnumpy()
+    rows = np.where(seg_np < 0, -seg_np - 1, seg_np)
+    allowed = rows[:, :, None] == seg_np[:, None, :]
+    if causal:
+        allowed &= np.tril(np.ones((length, length), bool))[None]
+    mask = Tensor(np.where(allowed, 0.0, -1e9).astype(np.float32)[:, None])
+    probs = ops.softmax(ops.matmul(q, k.swapaxes(-1, -2)) * scale + mask, -1)
+    return ops.matmul(probs, v).swapaxes(1, 2).reshape(b, length, h * d)
+
+
+class _Loss(nn.Cell):
+    """sum(out * weights): a loss whose gradient reaches every output element differently."""
+
+    def __init__(self, fn, weights):
+        super().__init__()
+        self.fn, self.weights = fn, weights
+
+    def construct(self, q, k, v, seg):
+        return (self.fn(q, k, v, seg) * self.weights).sum()
+
+
+def _case(seg: np.ndarray, heads=4, kv_heads=2, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    b, length = seg.shape
+    q = Tensor(rng.normal(size=(b, heads, length, dim)).astype(np.float32))
+    k = Tensor(rng.normal(size=(b, kv_heads, length, dim)).astype(np.float32))
+    v = Tensor(rng.normal(size=(b, kv_heads, length, dim)).astype(np.float32))
+    weights = Tensor(rng.normal(size=(b, length, heads * dim)).astype(np.float32))
+    return q, k, v, Tensor(seg.astype(np.int32)), weights
+
+
+SEGMENTS = {
+    # a padded batch: row 0 has 3 padding positions, row 1 none
+    "padded": text_segment_ids(2, 10, np.array([[1] * 7 + [0] * 3, [1] * 10])),
+    # a packed row of three samples and a padding tail (as collate_flattened writes it)
+    "packed": text_segment_ids(1, 12, cu_seqlens=np.array([0, 3, 7, 10, 12])),
+    "one": np.zeros((1, 9), np.int32),
+}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout", sorted(SEGMENTS))
+def test_blocked_attention_equals_dense_in_values_and_gradients(layout, causal):
+    seg = SEGMENTS[layout]
+    q, k, v, seg_t, weights = _case(seg)
+    scale = 8**-0.5
+    blocked = SegmentAttention(scale, causal)
+    blocked.core = _BlockedAttention(scale, causal, block=4)  # several blocks, causal ones cut short
+    dense = lambda q, k, v, s: _dense(q, k, v, s, scale, causal)  # noqa: E731
+    np.testing.assert_allclose(blocked(q, k, v, seg_t).asnumpy(), dense(q, k, v, seg_t).asnumpy(), rtol=1e-5, atol=1e-6)
+    got = ms.grad(_Loss(blocked, weights), grad_position=(0, 1, 2))(q, k, v, seg_t)
+    want = ms.grad(_Loss(dense, weights), grad_position=(0, 1, 2))(q, k, v, seg_t)
+    for name, a, b in zip("qkv", got, want):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_blocked_attention_compiles_with_its_backward():
+    seg = SEGMENTS["packed"]
+    q, k, v, seg_t, weights = _case(seg, seed=3)
+    loss = _Loss(SegmentAttention(0.3, True), weights)
+    eager = ms.value_and_grad(loss, grad_position=(0, 1, 2))(q, k, v, seg_t)
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        compiled = ms.jit(ms.value_and_grad(loss, grad_position=(0, 1, 2)))(q, k, v, seg_t)
+    finally:
+        ms.set_context(mode=previous)
+    np.testing.assert_allclose(compiled[0].asnumpy(), eager[0].asnumpy(), rtol=1e-6)
+    for a, b in zip(compiled[1], eager[1]):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_segment_ids_by_hand():
+    np.testing.assert_array_equal(segment_ids(7, np.array([0, 2, 5, 7])), [0, 0, 1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(text_segment_ids(1, 6, np.array([[1, 1, 1, 1, 0, 0]])), [[0, 0, 0, 0, -1, -1]])
+    packed = text_segment_ids(1, 6, cu_seqlens=np.array([0, 2, 6]))
+    np.testing.assert_array_equal(packed, [[0, 0, 1, 1, 1, 1]])
+    assert text_segment_ids(3, 5).tolist() == [[0] * 5] * 3
+
+
+def test_tnd_lengths_are_cumulative_runs_cut_at_row_ends():
+    # two rows: [0 0 0 -1 -1] and [0 0 0 0 0] -> runs of 3, 2, 5 over the 10 flattened tokens
+    seg = np.array([[0, 0, 0, -1, -1], [0, 0, 0, 0, 0]])
+    assert tnd_lengths(seg).tolist() == [3, 5, 10]
+    assert tnd_lengths(np.array([[0, 0, 1, 1, 1, 2]])).tolist() == [2, 5, 6]
+    assert tnd_lengths(np.zeros((3, 4), np.int32)).tolist() == [4, 8, 12]
+    arrays = {"text_segments": seg, "vision_segments": np.zeros((1, 4))}
+    assert with_tnd_lengths(arrays) is arrays  # CPU: no lengths inputs, the compiled shapes stay the same
+
+
+def test_model_inputs_are_linear_in_the_sequence(tiny_model_factory):
+    """No host input grows with L x L: a packed row of 2048 tokens describes its segments with O(L) arrays."""
+    from qwenvl.model import load_model
+
+    model = load_model(tiny_model_factory("qwen2.5vl"))
+    length = 2048
+    ids = np.full((1, length), 7, np.int64)
+    batch = {"input_ids": ids, "labels": ids.copy(), "position_ids": np.broadcast_to(np.arange(length), (3, 1, length)).copy(),
+             "cu_seqlens": np.array([0, 500, 1200, 2048], np.int32)}  # fmt: skip
+    inputs = model.prepare_inputs(batch)
+    assert max(int(np.prod(t.shape)) for t in inputs.values()) <= 3 * length
+    assert inputs["text_segments"].asnumpy()[0, [0, 499, 500, 1199, 1200, 2047]].tolist() == [0, 0, 1, 1, 2, 2]
