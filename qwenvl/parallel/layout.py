@@ -1,8 +1,9 @@
 """How one tensor's values are split over data-parallel ranks (ZeRO's partition).
 
 Every ZeRO stage uses the same layout, so optimizer state written at one stage loads at another: a
-tensor's flattened values are cut into `world` equal contiguous chunks, the last padded with zeros,
-and rank r owns chunk r. A world of one owns the tensor whole, in its own shape.
+tensor's flattened values are cut into `world` equal contiguous chunks (whole rows of 1024 values for
+tensors that large), the last padded with zeros, and rank r owns chunk r. A world of one owns the tensor
+whole, in its own shape.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+ROW = 1024
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,12 @@ class ShardSpec:
 
     @property
     def chunk(self) -> int:
-        """Elements per rank (the padded length divided by world)."""
-        return -(-self.numel // self.world)
+        """Elements per rank (the padded length divided by world); a multiple of ROW for large tensors, so
+        reductions over a chunk can run row by row on every core."""
+        chunk = -(-self.numel // self.world)
+        if self.world == 1 or self.numel < self.world * ROW:
+            return chunk
+        return -(-chunk // ROW) * ROW
 
     @property
     def padded(self) -> int:
