@@ -51,6 +51,7 @@ def run_layout(layout: str, steps: int, batch: int) -> dict:
     from make_tiny_model import make_tiny_model
 
     from qwenvl.data.arguments import DataArguments
+    from qwenvl.data.buckets import ShapeBuckets
     from qwenvl.data.collators import collate_flattened, collate_padded
     from qwenvl.data.pipeline import build_encoder
     from qwenvl.model import load_model
@@ -70,7 +71,8 @@ def run_layout(layout: str, steps: int, batch: int) -> dict:
     step = TrainStep(model, build_optimizer(build_param_groups(model, training), training), training)
     collate = collate_padded if layout == "padded" else collate_flattened
     micro = _items(layout, encoder, batch)
-    batches = [collate(items, pad_token_id=encoder.special.pad, pad_to_multiple_of=64) for items in micro]
+    buckets = ShapeBuckets(None)  # multiples of 64: the exact shapes this bench compares
+    batches = [collate(items, pad_token_id=encoder.special.pad, buckets=buckets) for items in micro]
     real_tokens = [sum(len(s.input_ids) for s in items) for items in micro]
     shapes = {tuple(b["input_ids"].shape) for b in batches}
     for b in batches:  # one pass over every micro-batch compiles whatever shapes occur

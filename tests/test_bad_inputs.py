@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from qwenvl.data.errors import PROBLEM_KINDS, DatasetError, SampleError
+from qwenvl.data.buckets import ShapeBuckets
 from qwenvl.data.pipeline import build_collator, build_dataset, build_encoder
 from qwenvl.train.argument import parse_args
 from qwenvl.train.data_loader import StepLoader, epoch_plan
@@ -148,7 +149,7 @@ def training_setup(model_dir: Path, *flags: str):
 def training_epoch(model_dir: Path, *flags: str) -> dict[int, SampleError | None]:
     """Training's verdict per dataset index over one epoch of the step loader (one sample per step)."""
     training_args, data_args, encoder, dataset = training_setup(model_dir, *flags)
-    loader = StepLoader(dataset, build_collator(encoder, data_args, 64), seed=training_args.seed)
+    loader = StepLoader(dataset, build_collator(encoder, data_args, ShapeBuckets((64, 128, 256, 512, 1024))), seed=training_args.seed)
     plan = epoch_plan(len(dataset), 0, 1, training_args.seed, 0, 1, 1)
     verdicts: dict[int, SampleError | None] = {}
     steps = loader.iterate()

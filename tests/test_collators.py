@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qwenvl.data.buckets import ShapeBuckets
 from qwenvl.data.collators import collate_flattened, collate_padded
 from qwenvl.data.dataset import EncodedSample
 
@@ -39,7 +40,7 @@ def test_padded_layout():
 
 
 def test_padded_rounds_length_up():
-    batch = collate_padded([sample([1, 2, 3, 4, 5], [X] * 5)], pad_token_id=9, pad_to_multiple_of=4)
+    batch = collate_padded([sample([1, 2, 3, 4, 5], [X] * 5)], pad_token_id=9, buckets=ShapeBuckets((4, 8)))
     np.testing.assert_array_equal(batch["input_ids"], [[1, 2, 3, 4, 5, 9, 9, 9]])
     np.testing.assert_array_equal(batch["position_ids"][0, 0], [0, 1, 2, 3, 4, 1, 1, 1])
 
@@ -59,7 +60,7 @@ def test_flattened_layout_and_cu_seqlens():
 def test_packed_items_keep_every_sub_sample_segment_and_pad_segment():
     packed = sample([1, 2, 3, 4, 5], [X, 2, X, 4, 5], positions=np.tile([0, 1, 0, 1, 2], (3, 1)), seq_lens=[2, 3])
     single = sample([6, 7, 8, 9], [X, 7, 8, 9])
-    batch = collate_flattened([packed, single], pad_token_id=0, pad_to_multiple_of=4)
+    batch = collate_flattened([packed, single], pad_token_id=0, buckets=ShapeBuckets((4, 12)))
     np.testing.assert_array_equal(batch["cu_seqlens"], [0, 2, 5, 9, 12])
     np.testing.assert_array_equal(batch["input_ids"], [[1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0, 0]])
     np.testing.assert_array_equal(batch["labels"][0, 9:], [X, X, X])

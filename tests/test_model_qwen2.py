@@ -284,17 +284,12 @@ def test_load_reports_missing_unexpected_and_mismatched(setup, tmp_path):
 
 
 def test_vision_patch_padding_does_not_change_logits(setup):
-    """Patches are padded to a multiple of `vision_bucket` (here 76 real -> 256); unpadded gives the same."""
-    inputs = setup.inputs(setup.cases["video"])
-    assert inputs["pixel_values"].shape[0] % setup.model.vision_bucket == 0
-    bucket, setup.model.vision_bucket = setup.model.vision_bucket, 4
-    try:
-        unpadded = setup.inputs(setup.cases["video"])
-    finally:
-        setup.model.vision_bucket = bucket
-    assert unpadded["pixel_values"].shape[0] == 48
+    """The collator's shape bucket (`vision_patches`, here 48 real -> 256) pads the patches; unpadded is the same."""
+    padded = setup.inputs({**setup.cases["video"], "vision_patches": 256})
+    unpadded = setup.inputs(setup.cases["video"])
+    assert padded["pixel_values"].shape[0] == 256 and unpadded["pixel_values"].shape[0] == 48
     # float32 rounding only: the matmul kernels block a 48-row and a 256-row input differently
-    np.testing.assert_allclose(setup.model.logits(**unpadded).asnumpy(), setup.model.logits(**inputs).asnumpy(),
+    np.testing.assert_allclose(setup.model.logits(**unpadded).asnumpy(), setup.model.logits(**padded).asnumpy(),
                                rtol=0, atol=1e-5)  # fmt: skip
 
 

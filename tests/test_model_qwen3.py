@@ -288,6 +288,17 @@ def test_image_and_video_in_one_sample(setup):
     np.testing.assert_allclose((loss_sum / n_tokens).asnumpy(), ref["image_video/loss"], rtol=1e-4)
 
 
+def test_vision_patch_padding_matches_reference(setup):
+    """Patches padded to the collator's shape bucket (`vision_patches`) form a segment of their own whose features
+    nothing gathers: logits still equal HF's on the unpadded input."""
+    model, cases, ref, _ = setup
+    batch = cases["image_video"]
+    real = sum(int(np.prod(np.asarray(batch[k]).reshape(-1, 3), -1).sum()) for k in ("image_grid_thw", "video_grid_thw"))
+    inputs = model.prepare_inputs({**batch, "vision_patches": real + 64})
+    assert inputs["pixel_values"].shape[0] == real + 64
+    np.testing.assert_allclose(model.logits(**inputs).asnumpy(), ref["image_video/logits"], rtol=0, atol=1e-5)
+
+
 def test_packed_row_equals_samples_one_by_one(setup):
     """One flattened row (cu_seqlens, trailing padding segment) == HF on each sample: logits per segment,
     summed loss, and the gradient of the summed loss."""

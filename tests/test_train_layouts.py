@@ -10,6 +10,7 @@ import pytest
 
 from qwenvl.data.annotations import parse_sample
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.buckets import ShapeBuckets
 from qwenvl.data.collators import collate_flattened, collate_padded
 from qwenvl.data.dataset import concat_encoded
 from qwenvl.data.pipeline import build_encoder
@@ -56,7 +57,7 @@ def tiny(tiny_model_factory) -> Path:
 def test_padded_flattened_and_packed_steps_are_equal(tiny):
     samples, pad = _samples(tiny)
     padded = _step(tiny, collate_padded(samples, pad))
-    flat = _step(tiny, collate_flattened(samples, pad, pad_to_multiple_of=64))
+    flat = _step(tiny, collate_flattened(samples, pad, ShapeBuckets.from_flag("auto", 3, 64)))
     packed = _step(tiny, collate_flattened([concat_encoded(samples[:2]), samples[2]], pad))
     for metrics, grads, _ in (flat, packed):
         assert metrics.n_tokens == padded[0].n_tokens

@@ -13,6 +13,7 @@ import pytest
 from mindspore import Tensor
 
 from qwenvl.constants import IGNORE_INDEX
+from qwenvl.data.buckets import ShapeBuckets
 from qwenvl.data.collators import collate_padded
 from qwenvl.data.dataset import EncodedSample
 from qwenvl.data.errors import SampleError
@@ -65,7 +66,7 @@ class ToyFiles:
 
 
 def _collate(samples):
-    return collate_padded(samples, pad_token_id=0, pad_to_multiple_of=16)
+    return collate_padded(samples, pad_token_id=0, buckets=ShapeBuckets((16, 32, 64, 128)))
 
 
 def _args(out: Path, *extra: str):

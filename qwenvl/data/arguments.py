@@ -18,6 +18,9 @@ class DataArguments:
     dataset_registry: str | None = _flag(None, "JSON/YAML file mapping names to {annotation_path, data_path}")
     data_flatten: bool = _flag(False, "concatenate each micro-batch into one sequence with cu_seqlens")
     data_packing: bool = _flag(False, "annotations are pre-packed lists (tools/pack_data.py); implies flattening")
+    length_buckets: str = _flag("auto", "tokens each micro-batch is padded to (compiled shapes): auto (6 doubling "
+                                        "sizes up to batch x model_max_length), off (multiples of 64), or a list "
+                                        "like 1024,2048,4096")
     base_interval: int = _flag(2, "Qwen2/2.5 video: seconds between sampled frames")
     max_pixels: int = _flag(28 * 28 * 576, "image: max pixels after smart_resize")
     min_pixels: int = _flag(28 * 28 * 16, "image: min pixels after smart_resize")

@@ -155,9 +155,15 @@ class SampleEncoder:
 
     def count_tokens(self, sample: Sample) -> int:
         """Exactly `len(encode(sample).input_ids)` before truncation, without decoding pixels (for packing)."""
+        return self.count_tokens_and_patches(sample)[0]
+
+    def count_tokens_and_patches(self, sample: Sample) -> tuple[int, int]:
+        """(tokens before truncation, vision patches) of `encode(sample)`, from headers (for length grouping)."""
         with _located(sample):
-            input_ids, _ = self._tokens(sample, self._visuals_from_headers(sample))
-        return len(input_ids)
+            visuals = self._visuals_from_headers(sample)
+            input_ids, _ = self._tokens(sample, visuals)
+        patches = sum(sum(v.blocks) for v in visuals) * self.settings.merge_size**2
+        return len(input_ids), patches
 
     def _tokens(self, sample: Sample, visuals: list[VisualTokens]) -> tuple[np.ndarray, np.ndarray]:
         if TEMPLATE_MODES[self.family] == "minimal":
@@ -264,6 +270,16 @@ class SupervisedDataset:
     def __getitem__(self, i: int) -> EncodedSample:
         with self._record(i) as samples:
             return concat_encoded([self.encoder.encode(sample) for sample in samples])
+
+    def sizes(self, i: int) -> tuple[int, int]:
+        """(tokens, vision patches) of item i without decoding pixels; (0, 0) for a bad item (met when loaded)."""
+        try:
+            with self._record(i) as samples:
+                counts = [self.encoder.count_tokens_and_patches(sample) for sample in samples]
+        except (SampleError, OSError, ValueError):
+            return 0, 0
+        limit = self.encoder.model_max_length
+        return sum(min(t, limit) if limit else t for t, _ in counts), sum(p for _, p in counts)
 
     def check_media(self, i: int) -> None:
         """What `__getitem__` checks short of tokenising: structure, then every media file decoded."""

@@ -15,6 +15,7 @@ from qwenvl.cli_args import add_dataclass_args
 from qwenvl.data import data_list, load_registry_file
 from qwenvl.data.annotations import load_records
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.buckets import ShapeBuckets
 from qwenvl.data.collators import collate_flattened, collate_padded
 from qwenvl.data.dataset import SampleEncoder, SupervisedDataset
 from qwenvl.data.image_processing import VisionSettings
@@ -75,7 +76,9 @@ def build_dataset(
     return SupervisedDataset(records, encoder)
 
 
-def build_collator(encoder: SampleEncoder, data_args: DataArguments, pad_to_multiple_of: int | None = None) -> Callable:
-    """Flattened layout for `data_flatten` or `data_packing` (as upstream's 3-era code), padded otherwise."""
+def build_collator(encoder: SampleEncoder, data_args: DataArguments, buckets: ShapeBuckets | None = None,
+                   rows: int | None = None) -> Callable:  # fmt: skip
+    """Flattened layout for `data_flatten` or `data_packing` (as upstream's 3-era code), padded otherwise;
+    micro-batches of `rows` samples padded to `buckets`."""
     collate = collate_flattened if (data_args.data_flatten or data_args.data_packing) else collate_padded
-    return partial(collate, pad_token_id=encoder.special.pad, pad_to_multiple_of=pad_to_multiple_of)
+    return partial(collate, pad_token_id=encoder.special.pad, buckets=buckets, rows=rows)

@@ -340,6 +340,15 @@ def set_recompute(cells: Sequence[nn.Cell]) -> None:
 # ----------------------------------------------------------------------------------- host-side (numpy)
 
 
+def padded_patch_count(batch: dict, n_real: int) -> int:
+    """How many vision patches the step gets: the collator's shape bucket (`vision_patches`), else the real
+    count. The padding patches form one segment of their own whose features nothing gathers."""
+    target = int(batch.get("vision_patches") or n_real)
+    if target < n_real:
+        raise ValueError(f"vision_patches {target} is below the batch's {n_real} patches")
+    return target
+
+
 def frame_cu_seqlens(grid_thw: np.ndarray) -> np.ndarray:
     """[0, h*w, 2*h*w, ...]: one attention block per temporal frame of every image/video (HF cu_seqlens)."""
     grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)

@@ -35,6 +35,7 @@ from qwenvl.model.layers import (
     compute_dtype,
     expand_as,
     frame_cu_seqlens,
+    padded_patch_count,
     parameter_dtype,
     use_half_precision_on_cpu,
     set_recompute,
@@ -44,9 +45,6 @@ from qwenvl.model.layers import (
 )
 
 TEXT_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": False}
-# Patches per vision pass are padded to a multiple of this (one extra attention block whose merged outputs no
-# token takes), so images of different sizes share a few compiled shapes instead of compiling a graph each.
-VISION_BUCKET = 256
 VISION_DEFAULTS = {"in_channels": 3, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2}
 
 
@@ -315,7 +313,6 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
         use_half_precision_on_cpu(self, self.compute_dtype)
         self.merge = self.vision["spatial_merge_size"]
         self.vision_head_dim = self._vision_dim() // self.vision["num_heads"]
-        self.vision_bucket = VISION_BUCKET
 
     @staticmethod
     def _vision_tower(vision: dict) -> VisionTransformer:
@@ -368,7 +365,7 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
             return {}
         grid = np.concatenate(grids)
         n_real = sum(len(p) for p in pixels)
-        n = -(-n_real // self.vision_bucket) * self.vision_bucket
+        n = padded_patch_count(batch, n_real)
         frames = frame_cu_seqlens(grid)
         rope_ids = np.concatenate([vision_rope_ids(grid, self.merge), np.zeros((n - n_real, 2), np.int64)])
         extra = self._window_inputs(grid, n_real, n)

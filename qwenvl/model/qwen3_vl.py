@@ -40,6 +40,7 @@ from qwenvl.model.layers import (
     compute_dtype,
     expand_as,
     frame_cu_seqlens,
+    padded_patch_count,
     gelu_exact,
     matmul,
     on_ascend,
@@ -422,11 +423,16 @@ class Qwen3VLForConditionalGeneration(nn.Cell):
         pixel_values = np.concatenate([p for g, p in zip(grids, pixels) if len(g)])
         if len(pixel_values) != n_patches:
             raise ValueError(f"{len(pixel_values)} rows of pixel values but the grids hold {n_patches} patches")
-        cos, sin = vision_rope_cos_sin(vision_rope_ids(grid, self.merge), self.vision_head_dim)
+        n = padded_patch_count(batch, n_patches)
+        pad = n - n_patches
+        rope_ids = np.concatenate([vision_rope_ids(grid, self.merge), np.zeros((pad, 2), np.int64)])
+        cos, sin = vision_rope_cos_sin(rope_ids, self.vision_head_dim)
         pos_index, pos_weight = pos_embed_interpolation(grid, self.num_positions, self.merge)
+        pos_index = np.pad(pos_index, ((0, 0), (0, pad)))
+        pos_weight = np.pad(pos_weight, ((0, 0), (0, pad)))
         inputs.update(
-            pixel_values=pixel_values,
-            vision_segments=segment_ids(n_patches, frame_cu_seqlens(grid))[None],
+            pixel_values=np.pad(pixel_values, ((0, pad), (0, 0))),
+            vision_segments=segment_ids(n, np.append(frame_cu_seqlens(grid), n))[None],
             vision_cos=cos[:, None],
             vision_sin=sin[:, None],
             pos_index=pos_index,

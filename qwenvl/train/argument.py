@@ -86,6 +86,9 @@ class TrainingArguments:
     lora_dropout: float = _flag(0.0, "LoRA dropout, used as given (upstream turns 0 into 0.05)")
     lora_target_modules: str = _flag("q_proj,k_proj,v_proj,o_proj", "comma list of LLM module names to adapt")
     lora_vision: bool = _flag(False, "also adapt the vision attention (qkv, proj)")
+    group_by_modality_length: bool = _flag(False, "micro-batches of one modality (with / without vision) and similar "
+                                                   "length: fewer padded tokens, fewer compiled shapes")
+    group_by_length: bool = _flag(False, "as --group_by_modality_length (samples are always grouped by modality too)")
     skip_bad_samples: bool = _flag(False, "log and skip samples that fail to load instead of stopping")
     dry_run: bool = _flag(False, "run, print memory and step time, write no checkpoint")
 
@@ -105,7 +108,7 @@ _DDP = "no torch DDP: the gradients of all trainable parameters are summed by on
 _COMPILE = "the train step is always compiled (MindSpore graph mode)"
 _EVAL_METRICS = "evaluation during training computes loss and perplexity; generation metrics are tools/evaluate.py"
 _BEST = "no best-model tracking: output_dir holds the final weights, eval losses are in train_log.jsonl"
-_BUCKETING = "mapped to our length bucketing (see issue 11); until then samples follow the seeded shuffle"
+_BUCKETING = "use --group_by_modality_length (length groups) and --length_buckets (compiled shapes)"
 _LOG_LEVELS = "the main rank prints; every rank's output is in msrun's worker logs"
 _TRACKERS = ("no tracker integrations: metrics go to output_dir/train_log.jsonl (and TensorBoard with "
              "--report_to tensorboard)")
@@ -171,8 +174,6 @@ NOT_APPLICABLE = {
     "label_smoothing_factor": "the loss is plain token-mean cross-entropy (no label smoothing)",
     "optim_args": "AdamW takes --adam_beta1/--adam_beta2/--adam_epsilon/--weight_decay",
     "adafactor": "the optimizer is AdamW (--optim)",
-    "group_by_length": _BUCKETING,
-    "group_by_modality_length": _BUCKETING,
     "data_group": _BUCKETING,
     "length_column_name": "lengths come from the encoded samples",
     "project": _TRACKERS,
@@ -218,7 +219,7 @@ _BOOL_FLAGS = {
     "restore_callback_states_from_checkpoint", "use_mps_device", "jit_mode_eval", "bf16_full_eval", "fp16_full_eval",
     "tf32", "tpu_metrics_debug", "dataloader_drop_last", "dataloader_pin_memory", "dataloader_persistent_workers",
     "remove_unused_columns", "load_best_model_at_end", "greater_is_better", "ignore_data_skip", "adafactor",
-    "group_by_length", "group_by_modality_length", "data_group", "ddp_find_unused_parameters",
+    "data_group", "ddp_find_unused_parameters",
     "ddp_broadcast_buffers", "skip_memory_metrics", "use_legacy_prediction_loop", "push_to_hub", "hub_private_repo",
     "hub_always_push", "include_inputs_for_metrics", "eval_do_concat_batches", "auto_find_batch_size",
     "full_determinism", "torch_compile", "include_tokens_per_second", "batch_eval_metrics", "eval_on_start",

@@ -5,7 +5,9 @@ once for all ranks and gives each a disjoint shard (padded by wrapping, as torch
 the shard is cut into micro-batches of `per_device_train_batch_size` (the last one may be smaller,
 HF's `dataloader_drop_last=False`) and those into steps of `gradient_accumulation_steps` (the last step
 of an epoch may have fewer). Resuming therefore only needs (epoch, step in epoch): the order is
-rebuilt and the finished steps are skipped without decoding anything.
+rebuilt and the finished steps are skipped without decoding anything. With `sizes` (tokens and patches of
+every item: `--group_by_modality_length`) the shared permutation is `grouping.grouped_order` in groups of
+micro-batch x world, so each rank's micro-batch holds items of one modality and similar length.
 
 Decoding runs ahead of training: with `dataloader_num_workers=0` in one background thread, otherwise in
 that many spawned worker processes (images, videos and tokenisation are CPU work that threads would
@@ -29,6 +31,7 @@ import numpy as np
 from qwenvl.constants import IGNORE_INDEX
 from qwenvl.data.dataset import EncodedSample
 from qwenvl.data.errors import DatasetError, SampleError, nothing_to_train
+from qwenvl.data.grouping import grouped_order
 from qwenvl.data.validation import init_worker, load_item, load_item_in_worker
 
 Batch = dict[str, "np.ndarray | None"]
@@ -47,28 +50,37 @@ def total_steps(num_train_epochs: float, max_steps: int, epoch_steps: int) -> in
     return max(1, math.ceil(num_train_epochs * epoch_steps))
 
 
-def shard_indices(n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+def shard_indices(
+    n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True, order: np.ndarray | None = None
+) -> np.ndarray:
     """This rank's sample indices for one epoch, like torch's DistributedSampler (drop_last=False).
 
     One permutation seeded by `seed + epoch` is shared by all ranks; it is padded by wrapping around to
     a multiple of `world` (so a few samples appear twice per epoch when n % world != 0), and rank r takes
-    every world-th index from r: shards are disjoint and together cover every sample.
+    every world-th index from r: shards are disjoint and together cover every sample. `order` replaces
+    the permutation (length grouping).
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside a world of {world}")
     if n <= 0:
         return np.zeros(0, np.int64)
-    order = np.random.default_rng(seed + epoch).permutation(n) if shuffle else np.arange(n)
+    if order is None:
+        order = np.random.default_rng(seed + epoch).permutation(n) if shuffle else np.arange(n)
     total = -(-n // world) * world
     padded = np.resize(order, total)
     return padded[rank:total:world].astype(np.int64)
 
 
 def epoch_plan(
-    n: int, rank: int, world: int, seed: int, epoch: int, micro_batch: int, accumulation: int
+    n: int, rank: int, world: int, seed: int, epoch: int, micro_batch: int, accumulation: int,
+    sizes: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[list[np.ndarray]]:
     """Dataset indices of this rank for one epoch: steps -> micro-batches -> indices."""
-    indices = shard_indices(n, rank, world, seed, epoch)
+    order = None
+    if sizes is not None:
+        tokens, patches = sizes
+        order = grouped_order(tokens, np.asarray(patches) > 0, micro_batch * world, seed, epoch)
+    indices = shard_indices(n, rank, world, seed, epoch, order=order)
     micro = [indices[i : i + micro_batch] for i in range(0, len(indices), micro_batch)]
     return [micro[i : i + accumulation] for i in range(0, len(micro), accumulation)]
 
@@ -140,6 +152,7 @@ class StepLoader:
         accumulation: int = 1,
         num_workers: int = 0,
         prefetch_steps: int = 2,
+        sizes: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.dataset = dataset
         self.collate = collate
@@ -147,6 +160,7 @@ class StepLoader:
         self.micro_batch, self.accumulation = micro_batch, accumulation
         self.num_workers = num_workers
         self.prefetch_steps = max(1, prefetch_steps)
+        self.sizes = sizes
         if len(dataset) == 0:
             raise DatasetError("the training dataset has no samples", kind="empty_dataset")
 
@@ -156,7 +170,8 @@ class StepLoader:
 
     def _positions(self, epoch: int, step_in_epoch: int) -> Iterator[tuple[int, int, list[np.ndarray]]]:
         while True:
-            plan = epoch_plan(len(self.dataset), self.rank, self.world, self.seed, epoch, self.micro_batch, self.accumulation)
+            plan = epoch_plan(len(self.dataset), self.rank, self.world, self.seed, epoch, self.micro_batch,
+                              self.accumulation, self.sizes)  # fmt: skip
             for step in range(step_in_epoch, len(plan)):
                 yield epoch, step, plan[step]
             epoch, step_in_epoch = epoch + 1, 0

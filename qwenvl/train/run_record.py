@@ -31,7 +31,8 @@ from qwenvl.train.checkpoint import (
 ORDER_FLAGS = (
     "dataset_use", "data_packing", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
     "world_size", "num_train_epochs", "max_steps", "learning_rate", "mm_projector_lr", "vision_tower_lr",
-    "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
+    "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "group_by_modality_length",
+    "group_by_length",
 )  # fmt: skip
 # What a previous run leaves in output_dir besides its final model files.
 RUN_OUTPUTS = ("train_log.jsonl", "train_summary.json", RUN_ARGS_NAME, "runs")

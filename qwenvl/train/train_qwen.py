@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(model_args, data_args, training_args, device: str, dtype: str, notes: list[str], stop: StopSignals) -> int:
+    from qwenvl.data.buckets import ShapeBuckets, describe_buckets
     from qwenvl.data.pipeline import build_collator, build_dataset, build_encoder
     from qwenvl.model import build_empty, load_weights
     from qwenvl.parallel.world import init_distributed
@@ -129,7 +130,9 @@ def _train(model_args, data_args, training_args, device: str, dtype: str, notes:
         if data_args.eval_dataset_use
         else None
     )
-    collate = build_collator(encoder, data_args, pad_to_multiple_of=64)
+    rows = training_args.per_device_train_batch_size
+    buckets = ShapeBuckets.from_flag(data_args.length_buckets, rows, training_args.model_max_length)
+    collate = build_collator(encoder, data_args, buckets, rows)
     zero, zero_note = zero_config(training_args)
     if zero_note and dp.is_main:
         print(f"[train] {zero_note}")
@@ -149,6 +152,7 @@ def _train(model_args, data_args, training_args, device: str, dtype: str, notes:
     if dp.is_main:
         print(f"[train] {model.model_type} from {model_dir} on {device} x{dp.world_size}; {len(dataset)} samples, "
               f"{trainer.total_steps} steps; trainable parameters per part {trainable}")  # fmt: skip
+        print(f"[train] {describe_buckets(buckets)}")
     finished = trainer.finished_checkpoint()
     if finished is not None and (output_dir / SUMMARY_NAME).is_file():
         if dp.is_main:

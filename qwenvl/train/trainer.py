@@ -23,6 +23,7 @@ import numpy as np
 from mindspore import nn
 
 from qwenvl.data.errors import SampleError
+from qwenvl.data.grouping import dataset_sizes
 from qwenvl.train.checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointError,
@@ -118,6 +119,7 @@ class Trainer:
             micro_batch=args.per_device_train_batch_size,
             accumulation=args.gradient_accumulation_steps,
             num_workers=args.dataloader_num_workers,
+            sizes=dataset_sizes(dataset) if args.group_by_modality_length or args.group_by_length else None,
         )
         self.total_steps = total_steps(args.num_train_epochs, args.max_steps, self.loader.steps_per_epoch)
         self.warmup = warmup_steps(self.total_steps, args.warmup_ratio, args.warmup_steps)

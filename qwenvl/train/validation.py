@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from qwenvl.data.arguments import DataArguments
+from qwenvl.data.buckets import ShapeBuckets
 from qwenvl.data.image_processing import DECODE_MAX_PIXELS_CEILING
 from qwenvl.errors import FlagError
 from qwenvl.family import read_model_type
@@ -58,6 +59,10 @@ def validate_data_args(data_args: DataArguments) -> None:
     ceiling = DECODE_MAX_PIXELS_CEILING
     _require(data_args.decode_max_pixels <= ceiling, "decode_max_pixels", data_args.decode_max_pixels,
              f"PIL refuses to open images over {ceiling} pixels whatever this flag says")  # fmt: skip
+    try:
+        ShapeBuckets.from_flag(data_args.length_buckets, 1, 1)
+    except ValueError as exc:
+        raise FlagError(str(exc)) from None
 
 
 def validate_model_folder(path: str | Path, weights: bool = True) -> None:
