@@ -14,7 +14,7 @@ from workloads import config_for  # noqa: E402
 
 from qwenvl.parallel.memory_estimate import MiB, Plan, estimate  # noqa: E402
 from qwenvl.parallel.model_tensors import lora_tensors, model_tensors  # noqa: E402
-from tools.estimate_memory import recipe_plan  # noqa: E402
+from tools.estimate_memory import KNOWN_CONFIGS, RECIPES, chosen_stage, recipe_plan  # noqa: E402
 from tools.make_tiny_model import tiny_config  # noqa: E402
 
 IDS = {"vocab_size": 300, "image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3,
@@ -77,3 +77,33 @@ def test_recipe_flags_are_read_from_the_scripts():
     assert plan.vision_patches == 256 * 32 * 32 // 16**2 and not plan.tune_llm
     _, plan = recipe_plan(ROOT / "scripts" / "sft_qwen3vl_8b.sh")
     assert (plan.micro_batch, plan.accumulation, plan.lora_r) == (2, 8, 0)
+
+
+@pytest.mark.parametrize("script", sorted(RECIPES))
+def test_each_recipe_uses_the_stage_the_estimator_chooses(script):
+    repo, plan = recipe_plan(ROOT / "scripts" / script)
+    assert plan.stage == chosen_stage(KNOWN_CONFIGS[repo], plan)
+
+
+def test_known_configs_have_the_published_parameter_counts():
+    """Totals of the Hugging Face model cards (3.75 B, 8.29 B, 4.44 B, 8.77 B, 31.1 B), to 0.5%."""
+    published = {"Qwen/Qwen2.5-VL-3B-Instruct": 3.75e9, "Qwen/Qwen2.5-VL-7B-Instruct": 8.29e9,
+                 "Qwen/Qwen3-VL-4B-Instruct": 4.44e9, "Qwen/Qwen3-VL-8B-Instruct": 8.77e9,
+                 "Qwen/Qwen3-VL-30B-A3B-Instruct": 31.1e9}  # fmt: skip
+    for repo, total in published.items():
+        assert sum(t.numel for t in model_tensors(KNOWN_CONFIGS[repo])) == pytest.approx(total, rel=5e-3), repo
+
+
+def test_cli_json_and_bad_input(tmp_path):
+    import json
+    import subprocess
+
+    (tmp_path / "config.json").write_text(json.dumps(config_for("mem109m")))
+    tool = str(ROOT / "tools" / "estimate_memory.py")
+    out = subprocess.run([sys.executable, tool, "--model", str(tmp_path), "--world", "2", "--zero_stage", "3",
+                          "--dtype", "fp16", "--seq_len", "256", "--device", "cpu", "--json"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    report = json.loads(out)
+    assert report["params"] == 108_996_736 and report["bytes"]["zero3_gathered"] > 0
+    bad = subprocess.run([sys.executable, tool, "--model", str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nowhere" in bad.stderr and "Traceback" not in bad.stderr

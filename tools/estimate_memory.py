@@ -4,6 +4,7 @@
         --dtype bf16 --seq_len 8192 --micro_batch 1 --recompute
     python tools/estimate_memory.py --model Qwen/Qwen3-VL-8B-Instruct --world 8 --zero_stage 3 --json
     python tools/estimate_memory.py --recipes            # every scripts/sft_*.sh on 8 cards of 64 GB and 32 GB
+    python tools/estimate_memory.py --recipes --json     # the same as JSON
     python tools/estimate_memory.py --recipes --markdown # the README's recipe table
 
 `--model` is a folder with config.json, a config.json, or one of the known public configs below (no hub
@@ -74,15 +75,20 @@ CARDS_GB = (64, 32)
 
 
 def load_config(model: str) -> dict:
-    """A known repo id (or its last part), a model folder, or a config.json path."""
-    for repo, config in KNOWN_CONFIGS.items():
-        if model in (repo, repo.split("/")[1]) or Path(model).name == repo.split("/")[1] and not Path(model).exists():
-            return config
+    """A model folder or config.json path when it exists, else a known repo id (or a path ending in its name).
+
+    ValueError naming the path when it is neither."""
     path = Path(model)
     path = path / "config.json" if path.is_dir() else path
-    if not path.is_file():
-        raise SystemExit(f"error: {model}: no config.json there and not a known config ({', '.join(KNOWN_CONFIGS)})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable config.json ({exc})") from exc
+    for repo, config in KNOWN_CONFIGS.items():
+        if model == repo or Path(model).name == repo.split("/")[1]:
+            return config
+    raise ValueError(f"{model}: no config.json there and not a known config ({', '.join(KNOWN_CONFIGS)})")
 
 
 def _flags(*texts: str) -> dict[str, str]:
@@ -134,6 +140,14 @@ def max_tokens_that_fit(config: dict, plan: Plan, card_gb: float) -> int:
     return low
 
 
+def chosen_stage(config: dict, plan: Plan, card_gb: float = 64.0) -> int:
+    """The recipes' rule: the lowest ZeRO stage that holds one sample of the maximum length per micro-batch on a
+    card of `card_gb` (fewer collectives than a higher one), else the stage that holds the most tokens."""
+    room = {stage: max_tokens_that_fit(config, replace(plan, stage=stage), card_gb) for stage in range(4)}
+    enough = [stage for stage, tokens in room.items() if tokens >= plan.seq_len]
+    return enough[0] if enough else max(room, key=lambda stage: (room[stage], -stage))
+
+
 def describe(result: Estimate) -> str:
     parts = ", ".join(f"{kind} {value / GiB:.2f}" for kind, value in result.as_dict()["bytes"].items() if value)
     return f"{result.total / GiB:.1f} GiB ({parts})"
@@ -146,7 +160,8 @@ def recipes_report(markdown: bool) -> list[dict]:
         config = KNOWN_CONFIGS[repo]
         result = estimate(config, plan)
         row = {"script": name, "model": repo, "mode": f"LoRA r={plan.lora_r}" if plan.lora_r else "full (LLM + merger)",
-               "stage": plan.stage, "tokens_per_micro_batch": plan.tokens, "estimate": result.as_dict(), "cards": {}}  # fmt: skip
+               "stage": plan.stage, "chosen_stage": chosen_stage(config, plan), "tokens_per_micro_batch": plan.tokens,
+               "estimate": result.as_dict(), "cards": {}}  # fmt: skip
         for card in CARDS_GB:
             row["cards"][card] = {"fits": result.total <= card * GiB,
                                   "max_tokens": max_tokens_that_fit(config, plan, card)}  # fmt: skip
@@ -158,6 +173,9 @@ def recipes_report(markdown: bool) -> list[dict]:
             for card, verdict in row["cards"].items():
                 print(f"  {card} GB: {'fits' if verdict['fits'] else 'does NOT fit'}; "
                       f"at most {verdict['max_tokens']} tokens per micro-batch fit")  # fmt: skip
+            if row["chosen_stage"] != plan.stage:
+                print(f"  the script's stage {plan.stage} is not the lowest that holds one {plan.seq_len}-token "
+                      f"sample on a 64 GB card: use ZeRO stage {row['chosen_stage']}")  # fmt: skip
     if markdown:
         print("| Script | Model | Trains | ZeRO | GiB per card (batch x max length) | 64 GB cards | 32 GB cards |")
         print("|---|---|---|---|---|---|---|")
@@ -202,10 +220,13 @@ def main(argv: list[str] | None = None) -> int:
                     device=args.device, lora_r=args.lora_r, lora_targets=tuple(args.lora_targets.split(",")),
                     tune_llm="llm" in tune, tune_merger="merger" in tune, tune_vision="vision" in tune,
                     vision_patches=args.vision_patches)  # fmt: skip
+        result = estimate(load_config(args.model), plan)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = estimate(load_config(args.model), plan)
+    except KeyError as exc:
+        print(f"error: {args.model}: the config has no {exc} field a Qwen-VL config needs", file=sys.stderr)
+        return 2
     fits = result.total <= args.card_gb * GiB
     if args.json:
         print(json.dumps({**result.as_dict(), "card_gb": args.card_gb, "fits": fits}, indent=2))
