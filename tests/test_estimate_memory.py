@@ -107,3 +107,11 @@ def test_cli_json_and_bad_input(tmp_path):
     assert report["params"] == 108_996_736 and report["bytes"]["zero3_gathered"] > 0
     bad = subprocess.run([sys.executable, tool, "--model", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert bad.returncode == 2 and "nowhere" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_readme_recipe_table_is_the_tools_output(capsys):
+    from tools.estimate_memory import recipes_report
+
+    recipes_report(markdown=True)
+    table = capsys.readouterr().out
+    assert table.strip() in (ROOT / "README.md").read_text(encoding="utf-8")

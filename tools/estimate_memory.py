@@ -131,7 +131,10 @@ def recipe_plan(script: Path, world: int = 8) -> tuple[str, Plan]:
 def max_tokens_that_fit(config: dict, plan: Plan, card_gb: float) -> int:
     """The most tokens per micro-batch (multiples of 256) that fit on a card of `card_gb` GB (GiB), 0 if none."""
     low, high = 0, plan.tokens
-    fits = lambda tokens: estimate(config, replace(plan, seq_len=tokens, micro_batch=1)).total <= card_gb * GiB  # noqa: E731
+
+    def fits(tokens: int) -> bool:
+        return estimate(config, replace(plan, seq_len=tokens, micro_batch=1)).total <= card_gb * GiB
+
     while low < high:
         mid = (low + high + 256) // 512 * 256
         if mid <= low:
@@ -181,8 +184,9 @@ def recipes_report(markdown: bool) -> list[dict]:
         print("|---|---|---|---|---|---|---|")
         for row in rows:
             cells = [f"{'yes' if v['fits'] else 'no'}, up to {v['max_tokens']} tokens" for v in row["cards"].values()]
-            print(f"| `{row['script']}` | {row['model'].split('/')[1]} | {row['mode']} | {row['stage']} | "
-                  f"{row['estimate']['total'] / GiB:.1f} ({row['tokens_per_micro_batch']} tokens) | {cells[0]} | {cells[1]} |")
+            total = f"{row['estimate']['total'] / GiB:.1f} ({row['tokens_per_micro_batch']} tokens)"
+            print(f"| `{row['script']}` | {row['model'].split('/')[1]} | {row['mode']} | {row['stage']} | {total} | "
+                  f"{cells[0]} | {cells[1]} |")
     return rows
 
 

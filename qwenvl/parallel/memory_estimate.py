@@ -147,7 +147,8 @@ def _activations(config: dict, plan: Plan, e: int) -> tuple[float, str]:
         full = bytes_per * (plan.tokens * sum(layers) + plan.vision_patches * sum(blocks))
         how = "all layers kept (CPU: recompute measured no saving)"
     elif plan.recompute:
-        inputs = e * (plan.tokens * text["hidden_size"] * len(layers) + plan.vision_patches * vision["dim"] * len(blocks))
+        inputs = e * (plan.tokens * text["hidden_size"] * len(layers)
+                      + plan.vision_patches * vision["dim"] * len(blocks))
         one = e * max([plan.tokens * a for a in layers] + [plan.vision_patches * b for b in blocks])
         full, how = inputs + one, "recompute: layer inputs + one layer"
     else:
@@ -165,7 +166,8 @@ def estimate(config: dict, plan: Plan) -> Estimate:
     adapters = lora_tensors(base, plan.lora_r, plan.lora_targets) if plan.lora_r else []
     tensors = base + adapters
     trainable = [_trainable(t, plan) for t in tensors]
-    result = Estimate(params=sum(t.numel for t in base), trainable=sum(t.numel for t, tr in zip(tensors, trainable) if tr))
+    result = Estimate(params=sum(t.numel for t in base),
+                      trainable=sum(t.numel for t, train in zip(tensors, trainable) if train))
     partitioned = plan.stage >= 1 and n > 1
     accumulate = plan.accumulation > 1
     groups: dict[str, float] = {}

@@ -86,7 +86,8 @@ def vision_settings(config: dict) -> dict:
                 "patch_size": vision.get("patch_size", 14), "out": vision["hidden_size"]}  # fmt: skip
     if model_type == "qwen2_5_vl":
         return {**vision, "dim": vision["hidden_size"], "mlp": vision["intermediate_size"], "gated": True,
-                "norm_bias": False, "patch_size": vision.get("patch_size", 14), "out": vision["out_hidden_size"]}  # fmt: skip
+                "norm_bias": False, "patch_size": vision.get("patch_size", 14),
+                "out": vision["out_hidden_size"]}  # fmt: skip
     return {"num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24], **vision,
             "dim": vision["hidden_size"], "mlp": vision["intermediate_size"], "gated": False, "norm_bias": True,
             "patch_size": vision.get("patch_size", 16), "out": vision["out_hidden_size"]}  # fmt: skip
@@ -152,8 +153,8 @@ def _language(config: dict) -> list[ParamInfo]:
                     ParamInfo(f"{layer}.mlp.experts.down_proj", (experts, inter, h))]  # fmt: skip
         else:
             inter = t["intermediate_size"]
-            out += (_linear(f"{layer}.mlp.gate_proj", h, inter, False) + _linear(f"{layer}.mlp.up_proj", h, inter, False)
-                    + _linear(f"{layer}.mlp.down_proj", inter, h, False))  # fmt: skip
+            for name, d_in, d_out in (("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)):
+                out += _linear(f"{layer}.mlp.{name}", d_in, d_out, False)
     out += _norm(f"{prefix}.norm", h, False)
     if not t["tie_word_embeddings"]:
         out.append(ParamInfo("lm_head.weight", (t["vocab_size"], h), matrix=True))
