@@ -110,8 +110,8 @@ def test_cli_json_and_bad_input(tmp_path):
 
 
 def test_readme_recipe_table_is_the_tools_output(capsys):
-    from tools.estimate_memory import recipes_report
+    from tools.estimate_memory import print_recipe_table, recipe_rows
 
-    recipes_report(markdown=True)
+    print_recipe_table(recipe_rows())
     table = capsys.readouterr().out
     assert table.strip() in (ROOT / "README.md").read_text(encoding="utf-8")

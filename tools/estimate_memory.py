@@ -18,7 +18,7 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,38 +156,49 @@ def describe(result: Estimate) -> str:
     return f"{result.total / GiB:.1f} GiB ({parts})"
 
 
-def recipes_report(markdown: bool) -> list[dict]:
+def recipe_rows() -> list[dict]:
+    """Every shipped recipe: its plan, the estimate, and per card size whether it fits and how many tokens do."""
     rows = []
     for name in RECIPES:
         repo, plan = recipe_plan(ROOT / "scripts" / name)
         config = KNOWN_CONFIGS[repo]
         result = estimate(config, plan)
-        row = {"script": name, "model": repo, "mode": f"LoRA r={plan.lora_r}" if plan.lora_r else "full (LLM + merger)",
-               "stage": plan.stage, "chosen_stage": chosen_stage(config, plan), "tokens_per_micro_batch": plan.tokens,
-               "estimate": result.as_dict(), "cards": {}}  # fmt: skip
-        for card in CARDS_GB:
-            row["cards"][card] = {"fits": result.total <= card * GiB,
-                                  "max_tokens": max_tokens_that_fit(config, plan, card)}  # fmt: skip
-        rows.append(row)
-        if not markdown:
-            print(f"{name}: {repo}, {row['mode']}, ZeRO {plan.stage}, 8 cards, {plan.tokens} tokens per micro-batch "
-                  f"(batch {plan.micro_batch} x {plan.seq_len}), accumulation {plan.accumulation}")
-            print(f"  {describe(result)}")
-            for card, verdict in row["cards"].items():
-                print(f"  {card} GB: {'fits' if verdict['fits'] else 'does NOT fit'}; "
-                      f"at most {verdict['max_tokens']} tokens per micro-batch fit")  # fmt: skip
-            if row["chosen_stage"] != plan.stage:
-                print(f"  the script's stage {plan.stage} is not the lowest that holds one {plan.seq_len}-token "
-                      f"sample on a 64 GB card: use ZeRO stage {row['chosen_stage']}")  # fmt: skip
-    if markdown:
-        print("| Script | Model | Trains | ZeRO | GiB per card (batch x max length) | 64 GB cards | 32 GB cards |")
-        print("|---|---|---|---|---|---|---|")
-        for row in rows:
-            cells = [f"{'yes' if v['fits'] else 'no'}, up to {v['max_tokens']} tokens" for v in row["cards"].values()]
-            total = f"{row['estimate']['total'] / GiB:.1f} ({row['tokens_per_micro_batch']} tokens)"
-            print(f"| `{row['script']}` | {row['model'].split('/')[1]} | {row['mode']} | {row['stage']} | {total} | "
-                  f"{cells[0]} | {cells[1]} |")
+        cards = {card: {"fits": result.total <= card * GiB, "max_tokens": max_tokens_that_fit(config, plan, card)}
+                 for card in CARDS_GB}  # fmt: skip
+        mode = f"LoRA r={plan.lora_r}" if plan.lora_r else "full (LLM + merger)"
+        rows.append({"script": name, "model": repo, "mode": mode, "plan": plan, "result": result,
+                     "chosen_stage": chosen_stage(config, plan), "cards": cards})  # fmt: skip
     return rows
+
+
+def print_recipes(rows: list[dict]) -> None:
+    for row in rows:
+        plan = row["plan"]
+        print(f"{row['script']}: {row['model']}, {row['mode']}, ZeRO {plan.stage}, {plan.world} cards, {plan.tokens} "
+              f"tokens per micro-batch (batch {plan.micro_batch} x {plan.seq_len}), accumulation {plan.accumulation}")
+        print(f"  {describe(row['result'])}")
+        for card, verdict in row["cards"].items():
+            print(f"  {card} GB: {'fits' if verdict['fits'] else 'does NOT fit'}; "
+                  f"at most {verdict['max_tokens']} tokens per micro-batch fit")  # fmt: skip
+        if row["chosen_stage"] != plan.stage:
+            print(f"  the script's stage {plan.stage} is not the lowest that holds one {plan.seq_len}-token "
+                  f"sample on a 64 GB card: use ZeRO stage {row['chosen_stage']}")  # fmt: skip
+
+
+def print_recipe_table(rows: list[dict]) -> None:
+    """The README's recipe table."""
+    print("| Script | Model | Trains | ZeRO | GiB per card (batch x max length) | 64 GB cards | 32 GB cards |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        cells = [f"{'yes' if v['fits'] else 'no'}, up to {v['max_tokens']} tokens" for v in row["cards"].values()]
+        total = f"{row['result'].total / GiB:.1f} ({row['plan'].tokens} tokens)"
+        print(f"| `{row['script']}` | {row['model'].split('/')[1]} | {row['mode']} | {row['plan'].stage} | {total} | "
+              f"{cells[0]} | {cells[1]} |")
+
+
+def recipes_json(rows: list[dict]) -> list[dict]:
+    return [{**{k: v for k, v in row.items() if k not in ("plan", "result")}, "plan": asdict(row["plan"]),
+             "estimate": row["result"].as_dict()} for row in rows]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,9 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="with --recipes: the README table")
     args = parser.parse_args(argv)
     if args.recipes:
-        rows = recipes_report(args.markdown or args.json)
+        rows = recipe_rows()
         if args.json:
-            print(json.dumps(rows, indent=2))
+            print(json.dumps(recipes_json(rows), indent=2))
+        elif args.markdown:
+            print_recipe_table(rows)
+        else:
+            print_recipes(rows)
         return 0
     if not args.model:
         parser.error("--model or --recipes is required")
