@@ -6,6 +6,6 @@
 # defaults below (see sft.sh and launch_msrun.sh); flags after the script name override any flag.
 MODEL_PATH="${MODEL_PATH:-./models/Qwen3-VL-30B-A3B-Instruct}" \
   LR="${LR:-1e-5}" BATCH="${BATCH:-1}" ACCUM="${ACCUM:-4}" \
-  exec bash "$(dirname "$0")/sft.sh" --lora_enable True --lora_r 64 --lora_alpha 128 --lora_dropout 0.05 \
+  exec bash "$(dirname "$0")/sft.sh" --zero_stage "${ZERO_STAGE:-3}" --lora_enable True --lora_r 64 --lora_alpha 128 --lora_dropout 0.05 \
   --tune_mm_llm False --tune_mm_mlp False --tune_mm_vision False \
   --max_pixels $((256 * 32 * 32)) --min_pixels $((4 * 32 * 32)) "$@"

@@ -20,6 +20,7 @@ EXPECTED = {
     "merge_lora.py": ("lora_alpha", "--adapter"),
     "make_tiny_model.py": ("config.json", "--family"),
     "make_demo_data.py": ("demo dataset", "--copies"),
+    "estimate_memory.py": ("config.json", "--recipes"),
 }
 
 
