@@ -88,6 +88,8 @@ class TrainingArguments:
     lora_vision: bool = _flag(False, "also adapt the vision attention (qkv, proj)")
     skip_bad_samples: bool = _flag(False, "log and skip samples that fail to load instead of stopping")
     dry_run: bool = _flag(False, "run, print memory and step time, write no checkpoint")
+    peak_tflops: float | None = _flag(None, "peak TFLOP/s of one device for the MFU in the log (default: a table of "
+                                            "Ascend devices; none on CPU, where MFU is then not logged)")
 
 
 # Older or per-GPU spellings of flags above, applied as those flags (HF still reads per_gpu_*; torch-era
