@@ -22,6 +22,8 @@ LLM = 2 * (2 * 32 + 3 * (32 * 32 + 32) + 32 * 32 + 2 * 64 * 32 + 64 * 32) + 32  
 LM_HEAD = 48 * 32
 # vision: patch embed 16*12; block: 2 LayerNorms 2*2*16, qkv 16*48+48, proj 16*16+16, fc1 16*32+32, fc2 32*16+16
 VISION = 16 * 12 + 2 * (4 * 16 + 16 * 48 + 48 + 16 * 16 + 16 + 16 * 32 + 32 + 32 * 16 + 16)  # 4640
+IDS = {"image_token_id": 60, "video_token_id": 61, "vision_start_token_id": 62, "vision_end_token_id": 63,
+       "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "vocab_size": 64}  # token ids of a tiny config
 MERGER = 2 * 16 + (64 * 64 + 64) + (64 * 32 + 32)  # LayerNorm, 4 patches x 16 -> 64 -> 32: 6272
 
 
@@ -92,9 +94,7 @@ def test_moe_counts_only_the_active_experts():
     from qwenvl.model import build_empty
     from tools.make_tiny_model import tiny_config
 
-    ids = {"image_token_id": 60, "video_token_id": 61, "vision_start_token_id": 62, "vision_end_token_id": 63,
-           "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "vocab_size": 64}  # fmt: skip
-    model = build_empty(tiny_config("qwen3vl_moe", ids))
+    model = build_empty(tiny_config("qwen3vl_moe", IDS))
     hidden = model.config["text_config"]["hidden_size"]
     layers = model.config["text_config"]["num_hidden_layers"]
     experts = 4 * hidden * 2 * 32 + 4 * 32 * hidden  # gate_up (E, h, 2i) + down (E, i, h), E=4, i=32
@@ -103,14 +103,16 @@ def test_moe_counts_only_the_active_experts():
     assert model_costs(model)["llm"].trainable == everything - layers * experts + layers * experts * 2 / 4
 
 
-def test_qwen25_window_layers_use_window_segments():
+def test_qwen25_window_layers_use_window_segments_and_zero3_shards_count_whole():
     from qwenvl.model import build_empty
+    from qwenvl.parallel.zero3 import shard_weights
     from tools.make_tiny_model import tiny_config
 
-    ids = {"image_token_id": 60, "video_token_id": 61, "vision_start_token_id": 62, "vision_end_token_id": 63,
-           "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "vocab_size": 64}  # fmt: skip
-    costs = model_costs(build_empty(tiny_config("qwen2.5vl", ids)))  # fullatt_block_indexes [1]
+    costs = model_costs(build_empty(tiny_config("qwen2.5vl", IDS)))  # fullatt_block_indexes [1]
     assert costs["vision"].attention == [(32, "vision_window_segments"), (32, "vision_full_segments")]
+    sharded = build_empty(tiny_config("qwen2.5vl", IDS))
+    shard_weights(sharded, world=2, rank=0, threshold=0, from_values=False)
+    assert model_costs(sharded) == costs
 
 
 def test_peak_flops_override_table_and_cpu():

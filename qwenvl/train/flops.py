@@ -105,9 +105,16 @@ def _expert_shares(model) -> dict[str, float]:
     return shares
 
 
+def _full_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Whole shapes of ZeRO-3 sharded weights (their Parameters hold a 1-D chunk), by parameter name."""
+    sharded = getattr(model, "zero3", None)
+    return {name: tuple(spec.shape) for name, spec in sharded.specs.items()} if sharded else {}
+
+
 def model_costs(model) -> dict[str, PartCost] | None:
     """Per-part costs of a Qwen-VL model (None for a model whose parameters are not Qwen-VL parts)."""
     costs = {part: PartCost() for part in PART_ORDER}
+    full = _full_shapes(model)
     shares = _expert_shares(model)
     windowed = tuple(getattr(getattr(model.model, "visual", None), "windowed", ()))
     vision_layer = 0
@@ -117,21 +124,23 @@ def model_costs(model) -> dict[str, PartCost] | None:
             return None
         if name.endswith(_LOOKUPS):
             continue
-        size = float(param.size) * next((s for prefix, s in shares.items() if name.startswith(prefix)), 1.0)
+        shape = full.get(param.name, tuple(param.shape))
+        size = float(np.prod(shape)) * next((s for prefix, s in shares.items() if name.startswith(prefix)), 1.0)
         if param.requires_grad:
             costs[part].trainable += size
         else:
             costs[part].frozen += size
         if name.endswith("self_attn.q_proj.weight"):
-            costs[part].attention.append((int(param.shape[0]), "text_segments"))
+            costs[part].attention.append((int(shape[0]), "text_segments"))
         elif part == "vision" and name.endswith("attn.qkv.weight"):
             window = vision_layer < len(windowed) and windowed[vision_layer]
-            costs[part].attention.append((int(param.shape[0]) // 3, "vision_window_segments" if window else
+            costs[part].attention.append((int(shape[0]) // 3, "vision_window_segments" if window else
                                           "vision_full_segments"))  # fmt: skip
             vision_layer += 1
     head = model.lm_head.weight
     if costs["lm_head"].trainable + costs["lm_head"].frozen == 0:  # tied: listed under the embedding's name
-        costs["lm_head"] = PartCost(float(head.size), 0.0) if head.requires_grad else PartCost(0.0, float(head.size))
+        size = float(np.prod(full.get(head.name, tuple(head.shape))))
+        costs["lm_head"] = PartCost(size, 0.0) if head.requires_grad else PartCost(0.0, size)
     return costs
 
 
