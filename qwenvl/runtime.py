@@ -3,6 +3,14 @@
 Device: `QWENVL_DEVICE` when set, else Ascend when its runtime is present, else CPU. Mode: compiled steps
 run in graph mode; called from PyNative mode the same compiled step had a bimodal 30-300 ms step time
 on 2 CPU cores, against a steady ~26 ms in graph mode (BENCHMARKS.md).
+
+No persistent compile cache is enabled, on purpose. MindSpore 2.7.0's cache (`enable_compile_cache=True` with
+`compile_cache_path`, or `MS_COMPILER_CACHE_ENABLE=1` with `MS_COMPILER_CACHE_PATH`) makes a second process load
+its graphs (toy train step, first call 0.95 s -> 0.12 s) but, on the CPU backend, a graph compiled through
+`ms.jit(ms.value_and_grad(...))` comes back wrong: the toy train step's first loss 3.8712 instead of 3.8159, no
+update between steps 1 and 2; a plain two-layer `nn.Dense` loss 0.0 instead of 0.1107 and all-zero gradients.
+Only a Cell called as the top graph reloaded correctly (0.22 -> 0.14 s). The train step, the gradient norm and
+the optimizer are `ms.jit` functions, so the cache stays off until it reloads them with the same results.
 """
 
 from __future__ import annotations

@@ -190,3 +190,11 @@ def test_dry_run_saves_nothing_and_says_so(runs, tmp_path, capsys):
     assert "[dry_run] 2 steps, mean step" in printed and "nothing saved" in printed
     assert "model saved" not in printed
     assert not out.exists()
+
+
+def test_log_and_summary_carry_model_flops_and_compiled_graphs(runs):
+    records = [json.loads(line) for line in (runs["full"] / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["tflops"] > 0 and r["mfu"] is None for r in records)  # CPU without --peak_tflops: no MFU
+    assert 1 <= records[-1]["graphs"] <= 6 and records[-1]["compile_s"] > 0
+    summary = json.loads((runs["full"] / "train_summary.json").read_text())
+    assert summary["graphs"] == records[-1]["graphs"] and summary["compile_seconds"] == records[-1]["compile_s"]

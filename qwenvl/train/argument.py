@@ -91,6 +91,8 @@ class TrainingArguments:
     group_by_length: bool = _flag(False, "as --group_by_modality_length (samples are always grouped by modality too)")
     skip_bad_samples: bool = _flag(False, "log and skip samples that fail to load instead of stopping")
     dry_run: bool = _flag(False, "run, print memory and step time, write no checkpoint")
+    peak_tflops: float | None = _flag(None, "peak TFLOP/s of one device for the MFU in the log (default: a table of "
+                                            "Ascend devices; none on CPU, where MFU is then not logged)")
 
 
 # Older or per-GPU spellings of flags above, applied as those flags (HF still reads per_gpu_*; torch-era

@@ -157,6 +157,7 @@ class TrainLogger:
         self.jsonl_path = Path(output_dir) / "train_log.jsonl"
         self._tb = TensorBoardWriter(Path(output_dir) / "runs") if (enabled and tensorboard) else None
         self._bar = None
+        self._postfix: dict[str, str] = {}
         if enabled and progress:
             from tqdm import tqdm
 
@@ -177,12 +178,22 @@ class TrainLogger:
         if self._bar is not None:
             self._bar.update(steps)
             if loss is not None:
-                self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                self._postfix["loss"] = f"{loss:.4f}"
+                self._bar.set_postfix(self._postfix, refresh=False)
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append `record` (must carry `step`) to the JSONL file and its numbers to TensorBoard."""
+        """Append `record` (must carry `step`) to the JSONL file and its numbers to TensorBoard; a training record's
+        throughput goes to the progress bar (or, without one, to a printed line)."""
         if not self.enabled:
             return
+        if "tokens_per_s" in record:
+            rates = progress_rates(record)
+            if self._bar is not None:
+                self._postfix.update(rates)
+                self._bar.set_postfix(self._postfix, refresh=True)
+            else:
+                shown = ", ".join(f"{k} {v}" for k, v in rates.items())
+                print(f"[train] step {record['step']}: loss {record['loss']:.4f}, {shown}", flush=True)
         with open(self.jsonl_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(_json_ready(record)) + "\n")
         if self._tb is not None:
@@ -195,6 +206,14 @@ class TrainLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def progress_rates(record: Mapping[str, Any]) -> dict[str, str]:
+    """Tokens/s and MFU (when the device's peak is known) of a log record, formatted for the progress line."""
+    rates = {"tok/s": f"{record['tokens_per_s']:.0f}"}
+    if record.get("mfu") is not None:
+        rates["mfu"] = f"{100 * record['mfu']:.1f}%"
+    return rates
 
 
 def _flatten_scalars(record: Mapping[str, Any], prefix: str = "train/") -> dict[str, float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -23,6 +24,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from qwenvl.model.weight_ops import sync_trainable
+from qwenvl.train.graph_tracker import GraphTracker, signature
 from qwenvl.train.optimizer import AdamW, OptimizerState
 
 
@@ -118,6 +120,7 @@ class TrainStep:
         sync_trainable(model)
         grad_fn = ms.value_and_grad(_ScaledLoss(model), None, optimizer.parameters, has_aux=True)
         self._forward_backward = ms.jit(grad_fn)
+        self.graphs = GraphTracker()  # one compiled forward/backward graph per input signature
 
     def positional(self, inputs: dict[str, Tensor]) -> list[Tensor | None]:
         unknown = set(inputs) - set(self._input_names)
@@ -127,8 +130,11 @@ class TrainStep:
         return [inputs.get(name) for name in self._input_names[: last + 1]]
 
     def forward_backward(self, inputs: dict[str, Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        """(loss_sum, n_tokens, grads of scale * loss_sum) for one micro-batch, compiled."""
-        (_, loss_sum, n_tokens), grads = self._forward_backward(Tensor(scale, ms.float32), *self.positional(inputs))
+        """(loss_sum, n_tokens, grads of scale * loss_sum) for one micro-batch, compiled (timed per signature)."""
+        values = self.positional(inputs)
+        start = time.perf_counter()
+        (_, loss_sum, n_tokens), grads = self._forward_backward(Tensor(scale, ms.float32), *values)
+        self.graphs.observe(signature(self._input_names, values), time.perf_counter() - start)
         return loss_sum, n_tokens, grads
 
     def run(self, micro_batches: Sequence[dict[str, Tensor]], lr_factor: float) -> StepMetrics:

@@ -42,6 +42,7 @@ from qwenvl.train.checkpoint import (
     write_checkpoint,
 )
 from qwenvl.train.data_loader import StepLoader, null_sample, total_steps
+from qwenvl.train.flops import batch_workload, device_peak_flops, model_costs, step_flops
 from qwenvl.parallel.world import DataParallel
 from qwenvl.train.graceful_stop import StopSignals
 from qwenvl.parallel.zero import ZeroConfig
@@ -73,6 +74,8 @@ class TrainSummary:
     last_checkpoint: str | None = None
     resumed_from: str | None = None
     stopped_by: str | None = None  # the signal that stopped the run early ("SIGTERM", "SIGINT")
+    graphs: int = 0  # distinct train-step graphs compiled by this process
+    compile_seconds: float = 0.0  # their estimated compile time (qwenvl.train.graph_tracker)
 
 
 def _interval(value: float, total: int) -> int:
@@ -127,6 +130,8 @@ class Trainer:
         self.state = TrainerState(max_steps=self.total_steps, data=self._position(0, 0))
         self.progress = progress
         self.stop = stop or StopSignals()
+        self._costs = model_costs(model)  # after the tuning flags: trainable and frozen parameters count differently
+        self._peak, self._peak_source = device_peak_flops(getattr(args, "peak_tflops", None))
 
     def _dropout_keys(self, model: nn.Cell) -> Callable[[int], None] | None:
         """Before each micro-batch, key the model's dropout (`model.dropout_key`, LoRA) by (seed, step, micro-batch,
@@ -309,11 +314,29 @@ class Trainer:
                 self.state.bad_samples.append(key)
                 logger.message(f"[train] skipped bad sample: {key}")
 
-    def _log_record(self, metrics: list[StepMetrics], seconds: list[float], tokens: int) -> dict:
+    def _step_flops(self, inputs: list[dict]) -> float:
+        """Model FLOPs of this rank's micro-batches (`qwenvl.train.flops`); 0 for a model it cannot describe."""
+        if self._costs is None:
+            return 0.0
+        return sum(step_flops(self._costs, *batch_workload(self.model, batch)) for batch in inputs)
+
+    def _report_graphs(self, logger: TrainLogger) -> None:
+        """One line per newly compiled train-step graph, and the warning when new shapes keep arriving."""
+        tracker = self.step_fn.graphs
+        new = tracker.take_new()
+        for graph in new:
+            logger.message(f"[train] compiled train-step graph {graph.index} (first call {graph.first_call_s:.1f} s): "
+                           f"{graph.summary}")  # fmt: skip
+        warning = tracker.warning(self.state.global_step, self.total_steps, bool(new))
+        if warning:
+            logger.message(f"[train] warning: {warning}")
+
+    def _log_record(self, metrics: list[StepMetrics], seconds: list[float], tokens: int, flops: float) -> dict:
         step = self.state.global_step
         good = [m for m in metrics if not m.skipped]
         loss = float(np.mean([m.loss for m in good])) if good else float("nan")
         factor = self.lr_factor(step - 1)
+        achieved = flops / max(sum(seconds), 1e-9)
         return {
             "step": step,
             "epoch": round(step / self.loader.steps_per_epoch, 4),
@@ -322,6 +345,10 @@ class Trainer:
             "lr": {g.name: g.lr * factor for g in self.groups},
             "tokens_per_s": tokens / max(sum(seconds), 1e-9),
             "step_time_s": float(np.mean(seconds)),
+            "tflops": achieved / 1e12 if self._costs is not None else None,  # model FLOP/s of the main rank's device
+            "mfu": achieved / self._peak if self._peak and self._costs is not None else None,
+            "graphs": self.step_fn.graphs.graphs,
+            "compile_s": self.step_fn.graphs.compile_seconds,
             "skipped_steps": self.state.skipped_steps,
             "memory": memory_stats(),
         }
@@ -369,11 +396,13 @@ class Trainer:
         )
         if resumed is not None:
             logger.message(f"[train] resumed from {resumed} at step {self.state.global_step}")
+        logger.message(f"[train] MFU against {self._peak_source}" if self._peak else
+                       f"[train] MFU not logged: {self._peak_source}")  # fmt: skip
         log_every = _interval(args.logging_steps, self.total_steps)
         save_every = _interval(args.save_steps, self.total_steps)
         window: list[StepMetrics] = []
         window_seconds: list[float] = []
-        window_tokens = 0
+        window_tokens, window_flops = 0, 0.0
         all_losses: list[float] = []
         step_seconds: list[float] = []
         last_saved: Path | None = None
@@ -390,6 +419,7 @@ class Trainer:
                 metrics = self.step_fn.run(inputs, self.lr_factor(self.state.global_step))
                 self.stop.reassert()  # a compiled step left MindSpore's SIGINT handler in place
                 elapsed = time.perf_counter() - start
+                window_flops += self._step_flops(inputs)
                 self.state.global_step += 1
                 self.state.skipped_steps = self.step_fn.skipped_steps
                 self.state.tokens_seen += metrics.n_tokens
@@ -405,12 +435,13 @@ class Trainer:
                 window.append(metrics)
                 window_seconds.append(elapsed)
                 window_tokens += loaded.n_input_tokens
+                self._report_graphs(logger)
                 logger.advance(1, metrics.loss)
                 if self.state.global_step % log_every == 0 or self.state.global_step == self.total_steps:
-                    record = self._log_record(window, window_seconds, window_tokens * self.dp.world_size)
+                    record = self._log_record(window, window_seconds, window_tokens * self.dp.world_size, window_flops)
                     self.state.log_history.append({k: v for k, v in record.items() if k != "memory"})
                     logger.log(record)
-                    window, window_seconds, window_tokens = [], [], 0
+                    window, window_seconds, window_tokens, window_flops = [], [], 0, 0.0
                 if self._eval_due(epoch_done):
                     record = {"step": self.state.global_step, **self.evaluate()}
                     self.state.log_history.append(record)
@@ -428,6 +459,10 @@ class Trainer:
             logger.close()
         if stopped is not None:
             self._announce_stop(stopped, last_saved)
+        graphs = self.step_fn.graphs
+        if self.dp.is_main:
+            print(f"[train] {graphs.graphs} train-step graph(s) compiled, {graphs.compile_seconds:.1f} s compiling",
+                  flush=True)  # fmt: skip
         if args.dry_run and self.dp.is_main:
             print(f"[dry_run] {len(step_seconds)} steps, mean step {np.mean(step_seconds[1:] or step_seconds):.3f} s "
                   f"(first, with compilation, {step_seconds[0] if step_seconds else float('nan'):.3f} s), "
@@ -443,4 +478,6 @@ class Trainer:
             last_checkpoint=str(last_saved) if last_saved else None,
             resumed_from=str(resumed) if resumed else None,
             stopped_by=signal.Signals(stopped).name if stopped is not None else None,
+            graphs=graphs.graphs,
+            compile_seconds=graphs.compile_seconds,
         )
