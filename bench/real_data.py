@@ -133,7 +133,7 @@ def summarise(log: Path, needed: int) -> RunReport:
                      max(r["memory"]["peak_rss_mib"] for r in records), growth)  # fmt: skip
 
 
-def run(work: Path, steps: int, extra: list[str], family: str = "qwen2.5vl") -> RunReport:
+def run(work: Path, steps: int, extra: list[str], family: str = "qwen2.5vl", media: Path = MEDIA) -> RunReport:
     """Build the data and a tiny model under `work`, train, and report (raises if training fails)."""
     sys.path.insert(0, str(ROOT / "tools"))
     from make_tiny_model import make_tiny_model
@@ -143,7 +143,7 @@ def run(work: Path, steps: int, extra: list[str], family: str = "qwen2.5vl") -> 
         make_tiny_model(model, family, seed=0)
     registry = work / "json" / "registry.json"
     if not registry.is_file():
-        make_dataset(work)
+        make_dataset(work, media)
     out = work / "output"
     flags = train_flags(model, registry, out, steps, extra)
     result = subprocess.run([sys.executable, str(ROOT / "qwenvl" / "train" / "train_qwen.py"), *flags,

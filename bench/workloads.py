@@ -109,7 +109,7 @@ def config_for(size: str) -> dict:
 MEMORY_SIZES = {"mem109m": (2, 2), "mem136m": (4, 3), "mem163m": (6, 4)}
 SIZES = ("tiny", "120m", *MEMORY_SIZES)
 # image workloads: image side in pixels, and the prompt and answer text tokens around the image
-IMAGES = {"image448": (448, 100), "image224": (224, 95)}
+IMAGES = {"image448": (448, 100), "image224": (224, 95), "image1k": (224, 479)}
 
 
 def _text_settings(config: dict) -> dict:

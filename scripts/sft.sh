@@ -6,6 +6,7 @@
 #   DATASETS    --dataset_use value: registered names or .json/.jsonl paths, `name%50` samples 50%
 #   OUTPUT_DIR  checkpoints, logs (train_log.jsonl, TensorBoard runs/) and the final model
 #   LR BATCH ACCUM   learning rate, per-card micro-batch, micro-batches per optimizer step
+#   ZERO_STAGE  ZeRO stage 0-3 (the per-model scripts default to the stage tools/estimate_memory.py picks)
 #   DTYPE       bf16 (default on Ascend), fp16, or fp32 (default without an Ascend device: the CPU
 #               backend has no bfloat16 kernels)
 #   NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT LOG_DIR MSRUN_ARGS   see launch_msrun.sh
@@ -39,7 +40,7 @@ args=(
   --output_dir "$OUTPUT_DIR"
   --data_flatten True                 # one row per micro-batch, attention kept inside each sample
   ${dtype_flags[@]+"${dtype_flags[@]}"}
-  --optim adamw_zero1_mindspore       # AdamW with moments sharded across data-parallel ranks
+  --zero_stage "${ZERO_STAGE:-1}"     # ZeRO: 1 shards AdamW state, 2 also gradients, 3 also weights (docs/parallel.md)
   --num_train_epochs 0.5
   --per_device_train_batch_size "$BATCH"
   --per_device_eval_batch_size "$((2 * BATCH))"

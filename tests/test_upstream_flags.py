@@ -66,12 +66,12 @@ def test_flags_of_public_sft_scripts_parse_apply_or_say_why():
     assert training.eval_strategy == "steps" and training.per_device_train_batch_size == 3
     assert training.lr_scheduler_type == "cosine_with_min_lr"
     assert json.loads(training.lr_scheduler_kwargs) == {"min_lr_rate": 0.1}
-    assert training.report_to == "none"
+    assert training.report_to == "none" and training.group_by_modality_length
     ignored = {note.split()[0] for note in notes}
     assert ignored == {"--tf32", "--ddp_find_unused_parameters", "--save_only_model", "--logging_dir",
                        "--torch_compile", "--dataloader_pin_memory", "--dataloader_drop_last",
-                       "--group_by_modality_length", "--data_group", "--report_to"}  # fmt: skip
-    assert "(see issue 11)" in next(n for n in notes if n.startswith("--group_by_modality_length"))
+                       "--data_group", "--report_to"}  # fmt: skip
+    assert "--group_by_modality_length" in next(n for n in notes if n.startswith("--data_group"))
     assert any(n.startswith("--report_to wandb ignored: ") for n in notes)
     assert parse_args_with_notes(["--report_to", "wandb,tensorboard"])[2].report_to == "tensorboard"
 
