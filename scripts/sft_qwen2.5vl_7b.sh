@@ -4,4 +4,4 @@
 # LR, BATCH, ACCUM, MODEL_PATH, DATASETS, OUTPUT_DIR, DTYPE, MSRUN_ARGS ... from the environment override the
 # defaults below (see sft.sh and launch_msrun.sh); flags after the script name override any flag.
 MODEL_PATH="${MODEL_PATH:-./models/Qwen2.5-VL-7B-Instruct}" LR="${LR:-2e-7}" BATCH="${BATCH:-4}" ACCUM="${ACCUM:-4}" \
-  exec bash "$(dirname "$0")/sft.sh" --zero_stage "${ZERO_STAGE:-3}" --tune_mm_llm True --tune_mm_mlp True --tune_mm_vision False "$@"
+  exec bash "$(dirname "$0")/sft.sh" --zero_stage "${ZERO_STAGE:-2}" --tune_mm_llm True --tune_mm_mlp True --tune_mm_vision False "$@"

@@ -16,8 +16,9 @@ from qwenvl.train.data_loader import epoch_plan
 def sample(n: int, patches: int = 0) -> EncodedSample:
     pixels = np.ones((patches, 6), np.float32) if patches else None
     grid = np.array([[1, 2, patches // 2]], np.int64) if patches else None
-    return EncodedSample(input_ids=np.arange(1, n + 1), labels=np.arange(1, n + 1), position_ids=np.zeros((3, n), np.int64),
-                         seq_lens=[n], pixel_values=pixels, image_grid_thw=grid)  # fmt: skip
+    ids = np.arange(1, n + 1)
+    return EncodedSample(input_ids=ids, labels=ids.copy(), position_ids=np.zeros((3, n), np.int64), seq_lens=[n],
+                         pixel_values=pixels, image_grid_thw=grid)  # fmt: skip
 
 
 def test_default_ladder_halves_down_from_the_largest_micro_batch():

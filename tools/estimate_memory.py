@@ -144,10 +144,10 @@ def max_tokens_that_fit(config: dict, plan: Plan, card_gb: float) -> int:
 
 
 def chosen_stage(config: dict, plan: Plan, card_gb: float = 64.0) -> int:
-    """The recipes' rule: the lowest ZeRO stage that holds one sample of the maximum length per micro-batch on a
+    """The recipes' rule: the lowest ZeRO stage that holds a whole micro-batch of maximum-length samples on a
     card of `card_gb` (fewer collectives than a higher one), else the stage that holds the most tokens."""
     room = {stage: max_tokens_that_fit(config, replace(plan, stage=stage), card_gb) for stage in range(4)}
-    enough = [stage for stage, tokens in room.items() if tokens >= plan.seq_len]
+    enough = [stage for stage, tokens in room.items() if tokens >= plan.seq_len * plan.micro_batch]
     return enough[0] if enough else max(room, key=lambda stage: (room[stage], -stage))
 
 

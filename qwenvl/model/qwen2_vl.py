@@ -22,6 +22,7 @@ from qwenvl.model.attention import (
     text_segment_ids,
     with_tnd_lengths,
 )
+from qwenvl.model.lm_loss import ChunkedLossHead
 from qwenvl.model.layers import (
     Embedding,
     LayerNorm,
@@ -31,7 +32,6 @@ from qwenvl.model.layers import (
     RMSNorm,
     activation,
     apply_rotary,
-    causal_lm_loss_sum,
     compute_dtype,
     expand_as,
     frame_cu_seqlens,
@@ -294,7 +294,7 @@ class QwenVLModel(nn.Cell):
 # -------------------------------------------------------------------------------------------- top cells
 
 
-class _Qwen2FamilyForConditionalGeneration(nn.Cell):
+class _Qwen2FamilyForConditionalGeneration(ChunkedLossHead, nn.Cell):
     """Shared body of the Qwen2-VL and Qwen2.5-VL cells; subclasses pick the vision tower."""
 
     model_type = ""
@@ -311,6 +311,7 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
         if self.text["tie_word_embeddings"]:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         use_half_precision_on_cpu(self, self.compute_dtype)
+        self.init_loss()
         self.merge = self.vision["spatial_merge_size"]
         self.vision_head_dim = self._vision_dim() // self.vision["num_heads"]
 
@@ -417,11 +418,11 @@ class _Qwen2FamilyForConditionalGeneration(nn.Cell):
                   vision_patch_order=None, vision_merge_order=None, vision_index=None, vision_slots=None,
                   text_lengths=None, vision_full_lengths=None, vision_window_lengths=None):  # fmt: skip
         """(loss_sum, n_tokens): summed shifted cross-entropy over supervised targets and their count."""
-        logits = self.logits(input_ids, labels, position_ids, text_segments, pixel_values, vision_cos, vision_sin,
-                             vision_full_segments, vision_window_segments, vision_patch_order, vision_merge_order,
-                             vision_index, vision_slots, text_lengths, vision_full_lengths,
-                             vision_window_lengths)  # fmt: skip
-        return causal_lm_loss_sum(logits, labels)
+        hidden = self._hidden(input_ids, position_ids, text_segments, pixel_values, vision_cos, vision_sin,
+                              vision_full_segments, vision_window_segments, vision_patch_order, vision_merge_order,
+                              vision_index, vision_slots, text_lengths, vision_full_lengths,
+                              vision_window_lengths)  # fmt: skip
+        return self._loss(hidden, labels)
 
 
 class Qwen2VLForConditionalGeneration(_Qwen2FamilyForConditionalGeneration):

@@ -27,6 +27,7 @@ from qwenvl.model.attention import (
     text_segment_ids,
     with_tnd_lengths,
 )
+from qwenvl.model.lm_loss import ChunkedLossHead
 from qwenvl.model.layers import (
     Embedding,
     LayerNorm,
@@ -36,7 +37,6 @@ from qwenvl.model.layers import (
     RMSNorm,
     activation,
     apply_rotary,
-    causal_lm_loss_sum,
     compute_dtype,
     expand_as,
     frame_cu_seqlens,
@@ -367,7 +367,7 @@ class Qwen3VLModel(nn.Cell):
 # -------------------------------------------------------------------------------------------------- model
 
 
-class Qwen3VLForConditionalGeneration(nn.Cell):
+class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
     """Qwen3-VL (dense); the MoE subclass changes `model_type` and the head_dim default (layers read `num_experts`)."""
 
     model_type = "qwen3_vl"
@@ -385,6 +385,7 @@ class Qwen3VLForConditionalGeneration(nn.Cell):
         if tc["tie_word_embeddings"]:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         use_half_precision_on_cpu(self, self.compute_dtype)
+        self.init_loss()
         self.image_token_id = int(config.get("image_token_id", tc.get("image_token_id", 151655)))
         self.video_token_id = int(config.get("video_token_id", tc.get("video_token_id", 151656)))
         self.merge = vc["spatial_merge_size"]
@@ -478,10 +479,10 @@ class Qwen3VLForConditionalGeneration(nn.Cell):
                   vision_cos=None, vision_sin=None, pos_index=None, pos_weight=None, vision_index=None,
                   vision_slots=None, text_lengths=None, vision_lengths=None):  # fmt: skip
         """(loss_sum, n_tokens): summed shifted cross-entropy over supervised targets and their count."""
-        logits = self.logits(input_ids, labels, position_ids, text_segments, pixel_values, vision_segments,
-                             vision_cos, vision_sin, pos_index, pos_weight, vision_index, vision_slots, text_lengths,
-                             vision_lengths)  # fmt: skip
-        return causal_lm_loss_sum(logits, labels)
+        hidden = self._hidden(input_ids, position_ids, text_segments, pixel_values, vision_segments, vision_cos,
+                              vision_sin, pos_index, pos_weight, vision_index, vision_slots, text_lengths,
+                              vision_lengths)  # fmt: skip
+        return self._loss(hidden, labels)
 
 
 class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):

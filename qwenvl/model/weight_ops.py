@@ -129,7 +129,10 @@ def attach_sources(model: nn.Cell, make_source) -> int:
 
 
 def sync_trainable(model: nn.Cell) -> None:
-    """Copy each sourced weight's `requires_grad` into its source before a training step compiles."""
+    """Copy each sourced weight's `requires_grad` into its source before a training step compiles, and build the
+    model's chunked loss for them (`lm_loss.ChunkedLossHead.prepare_loss`)."""
     for _, cell in model.cells_and_names():
         if hasattr(cell, "use_source") and cell.source is not None:
             cell.source.trainable = bool(cell.weight.requires_grad)
+    if hasattr(model, "prepare_loss"):
+        model.prepare_loss()

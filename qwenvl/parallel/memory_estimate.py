@@ -18,9 +18,9 @@ Activation Recomputation in Large Transformer Models", without the attention mat
 attention never stores; generalised to grouped KV heads and gated MLPs): the two norm inputs and outputs
 4h, q and attention output 2*hq, k and v 2*kv, gate, up, act(gate) and their product 4*I (MoE: top_k
 experts' 2h + 4*I_moe per token). Vision blocks likewise per patch. With recompute only each layer's
-input h stays, plus one layer's activations while it is recomputed. The logits are kept for the whole
-micro-batch: compute dtype, float32 copy, log-softmax and its gradient: (12 + 2e) bytes per token and
-vocabulary entry.
+input h stays, plus one layer's activations while it is recomputed. The logits exist one chunk of rows at a
+time (`qwenvl.model.lm_loss`): float32 logits, probabilities, one-hot targets and their gradient, 16 bytes per
+row and vocabulary entry.
 
 Device terms: on Ascend a fixed allowance for the runtime, HCCL buffers and kernel workspace. On CPU (the
 tests' backend) the process baseline measured here (Python + MindSpore + runtime), activations held in
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from qwenvl.model.lm_loss import chunk_rows
 from qwenvl.parallel.model_tensors import ParamInfo, lora_tensors, model_tensors, text_settings, vision_settings
 
 GiB = 2**30
@@ -154,7 +155,7 @@ def _activations(config: dict, plan: Plan, e: int) -> tuple[float, str]:
     else:
         full = e * (plan.tokens * sum(layers) + plan.vision_patches * sum(blocks))
         how = "all layers kept"
-    logits = plan.tokens * text["vocab_size"] * (12 + 2 * e)
+    logits = 16 * chunk_rows(plan.tokens, text["vocab_size"]) * text["vocab_size"]
     return full + logits, f"activations: {how}; logits {logits / GiB:.2f} GiB"
 
 

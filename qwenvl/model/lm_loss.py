@@ -1,0 +1,164 @@
+"""The language-model loss straight from the last hidden states, the vocabulary logits one chunk of rows at a time.
+
+Why: the (tokens x vocab) float32 logits are the largest tensor of a step (8192 tokens x 151936 = 5 GB, and
+autodiff would keep them and their gradient besides). Here the forward pass computes each chunk's logits,
+its log-sum-exp and the picked target logit, then drops them; the backward pass recomputes each chunk's
+logits from the hidden states and the head weight, turns them into the softmax gradient and multiplies it
+into the hidden-state and weight gradients. At most one chunk of logits exists at a time (the chunks are
+chained with `ops.depend`, and all have one size so MindSpore's memory pool reuses one block). The head
+weight is read as `MatrixLayer` reads it: as stored, or through its `WeightSource` (half precision on CPU,
+ZeRO-3 shards gathered).
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.ops import constexpr
+
+from qwenvl.constants import IGNORE_INDEX
+from qwenvl.model.layers import causal_lm_loss_sum
+from qwenvl.model.weight_ops import MATMUL_NT, WeightSource, matmul_dtype
+
+CHUNK_VALUES = 2**26  # logits per chunk (256 MiB in float32)
+_MM_NN = ops.MatMul()
+_MM_TN = ops.MatMul(transpose_a=True)
+
+
+@constexpr
+def chunk_rows(rows: int, vocab: int, values: int = CHUNK_VALUES) -> int:
+    """Rows per chunk: `values` logits' worth, a multiple of 64, at least 64, at most all rows."""
+    per_chunk = max(64, values // max(vocab, 1) // 64 * 64)
+    return min(per_chunk, rows)
+
+
+def _log_sum_exp(logits):
+    """(rows, 1) log-sum-exp of (rows, vocab) float32 logits, shifted by the row maximum."""
+    top = logits.max(-1, keepdims=True)
+    return top + ops.log(ops.exp(logits - ops.broadcast_to(top, logits.shape)).sum(-1, keepdims=True))
+
+
+@constexpr
+def _padded_rows(rows: int, chunk: int) -> int:
+    return -(-rows // chunk) * chunk
+
+
+class _ChunkedCrossEntropy(nn.Cell):
+    """(sum of -log softmax(h W^T)[target] over valid rows, count of valid rows) for 2-D h, with W read through
+    `source` (or as stored when it is None); `valid` is 1.0 / 0.0 per row."""
+
+    def __init__(self, source: WeightSource | None, values: int) -> None:
+        super().__init__()
+        self.source = source
+        self.values = values
+
+    def _weight(self, stored, anchor, dtype):
+        if self.source is None:
+            return ops.cast(ops.depend(stored, anchor), dtype)
+        return self.source.full(stored, anchor, dtype)
+
+    def _logits(self, h, w, start: int, stop: int, after):
+        rows = h[start:stop] if after is None else ops.depend(h, after)[start:stop]
+        return ops.cast(MATMUL_NT(ops.cast(rows, w.dtype), w), ms.float32)
+
+    def construct(self, h, target, valid, stored):
+        w = self._weight(stored, h, matmul_dtype(h.dtype))
+        chunk = chunk_rows(h.shape[0], w.shape[0], self.values)
+        total = None
+        for start in range(0, h.shape[0], chunk):
+            logits = self._logits(h, w, start, start + chunk, total)
+            picked = ops.gather_elements(logits, 1, target[start : start + chunk, None]).squeeze(-1)
+            losses = _log_sum_exp(logits).squeeze(-1) - picked
+            part = (losses * valid[start : start + chunk]).sum()
+            total = part if total is None else total + part
+        return total, valid.sum()
+
+    def _d_logits(self, h, w, target, valid, d_loss, start: int, stop: int, after):
+        """Gradient of the loss sum times `d_loss` w.r.t. the logits of rows [start, stop), recomputed."""
+        logits = self._logits(h, w, start, stop, after)
+        probs = ops.exp(logits - ops.broadcast_to(_log_sum_exp(logits), logits.shape))
+        onehot = ops.one_hot(target[start:stop], w.shape[0], ops.ones((), ms.float32), ops.zeros((), ms.float32))
+        scale = (valid[start:stop] * d_loss)[:, None]
+        return (probs - onehot) * ops.broadcast_to(scale, probs.shape)
+
+    def bprop(self, h, target, valid, stored, out, dout):
+        d_loss = dout[0]
+        w = self._weight(stored, d_loss, matmul_dtype(h.dtype))
+        chunk = chunk_rows(h.shape[0], w.shape[0], self.values)
+        dh_chunks = []
+        dw = ops.zeros(w.shape, ms.float32)
+        for start in range(0, h.shape[0], chunk):
+            stop = start + chunk
+            d_logits = self._d_logits(h, w, target, valid, d_loss, start, stop, dh_chunks[-1] if dh_chunks else None)
+            dh_chunks.append(ops.cast(_MM_NN(d_logits, ops.cast(w, ms.float32)), h.dtype))
+            dw = dw + _MM_TN(d_logits, ops.cast(h[start:stop], ms.float32))
+        dh = ops.cat(dh_chunks, 0)
+        if self.source is None:
+            dw_stored = ops.cast(dw, stored.dtype).reshape(stored.shape)
+        else:
+            dw_stored = self.source.grad(ops.cast(dw, self.source.compute_dtype), stored)
+        return ops.depend(dh, dw_stored), ops.zeros_like(target), ops.zeros_like(valid), dw_stored
+
+
+class _ChunkedCrossEntropyFrozenHead(_ChunkedCrossEntropy):
+    """The same loss for a frozen head: the backward pass computes no weight gradient at all."""
+
+    def bprop(self, h, target, valid, stored, out, dout):
+        d_loss = dout[0]
+        w = self._weight(stored, d_loss, matmul_dtype(h.dtype))
+        chunk = chunk_rows(h.shape[0], w.shape[0], self.values)
+        dh_chunks = []
+        for start in range(0, h.shape[0], chunk):
+            d_logits = self._d_logits(h, w, target, valid, d_loss, start, start + chunk,
+                                      dh_chunks[-1] if dh_chunks else None)  # fmt: skip
+            dh_chunks.append(ops.cast(_MM_NN(d_logits, ops.cast(w, ms.float32)), h.dtype))
+        return ops.cat(dh_chunks, 0), ops.zeros_like(target), ops.zeros_like(valid), ops.zeros((), stored.dtype)
+
+
+class ChunkedLmLoss(nn.Cell):
+    """Shifted causal-LM loss of a head `MatrixLayer` on hidden states: (loss_sum, n_tokens), the numbers of
+    `layers.causal_lm_loss_sum(head(hidden), labels)` without the logits tensor. Built for the head's
+    source and trainability of the step being compiled (`lm_loss_for`)."""
+
+    def __init__(self, source: WeightSource | None, trainable: bool, weight_shape: tuple[int, int],
+                 values: int = CHUNK_VALUES) -> None:  # fmt: skip
+        super().__init__()
+        self.core = (_ChunkedCrossEntropy if trainable else _ChunkedCrossEntropyFrozenHead)(source, values)
+        self.weight_shape = tuple(weight_shape)
+        self.values = int(values)
+
+    def construct(self, hidden, labels, stored):
+        vocab, d_in = self.weight_shape
+        h = hidden[:, :-1].reshape(-1, d_in)
+        target = labels[:, 1:].reshape(-1)
+        rows = h.shape[0]
+        padded = _padded_rows(rows, chunk_rows(rows, vocab, self.values))
+        if padded != rows:  # every chunk one size (one memory block reused); the extra rows are not counted
+            h = ops.cat((h, ops.zeros((padded - rows, d_in), h.dtype)), 0)
+            target = ops.cat((target, ops.fill(target.dtype, (padded - rows,), IGNORE_INDEX)), 0)
+        valid = ops.cast(target != IGNORE_INDEX, ms.float32)
+        if self.core.source is None and len(stored.shape) != 2:
+            stored = stored.reshape(self.weight_shape)
+        return self.core(h, ops.maximum(target, 0), valid, stored)
+
+
+def lm_loss_for(head: nn.Cell, values: int = CHUNK_VALUES) -> ChunkedLmLoss:
+    """The chunked loss of `head` (a `MatrixLayer`) as it stands now: its source and `requires_grad`."""
+    return ChunkedLmLoss(head.source, bool(head.weight.requires_grad), head.weight_shape, values)
+
+
+class ChunkedLossHead:
+    """Mixin of the model cells: the loss of `self.lm_head` on hidden states, chunked once `prepare_loss` ran
+    (`weight_ops.sync_trainable`, before a training step compiles), else through the whole logits.
+    `init_loss` (in the model's __init__) declares the child cell slot."""
+
+    def init_loss(self) -> None:
+        self._cells["lm_loss"] = None
+
+    def prepare_loss(self, values: int = CHUNK_VALUES) -> None:
+        self.lm_loss = lm_loss_for(self.lm_head, values)
+
+    def _loss(self, hidden, labels):
+        if self.lm_loss is None:
+            return causal_lm_loss_sum(ops.cast(self.lm_head(hidden), ms.float32), labels)
+        return self.lm_loss(hidden, labels, self.lm_head.weight)
