@@ -78,7 +78,8 @@ def worker(model_dir: str, size: str, workload: str, layout: str) -> None:
     loss_sum, n_tokens, _ = step.forward_backward(inputs)
     result = {"layout": layout, "workload": workload, "before_mib": before, "peak_mib": _peak_mib(),
               "activation_mib": _peak_mib() - before, "host_inputs_mib": host_inputs_mib,
-              "shape": list(inputs["input_ids"].shape), "loss": float(loss_sum.asnumpy() / n_tokens.asnumpy())}  # fmt: skip
+              "shape": list(inputs["input_ids"].shape),
+              "loss": float(loss_sum.asnumpy() / n_tokens.asnumpy())}  # fmt: skip
     print(json.dumps(result))
 
 

@@ -56,8 +56,8 @@ def make_dataset(root: Path, media: Path = MEDIA) -> Path:
     for i, video in enumerate(VIDEOS * 2):
         shutil.copy(media / video, photos / "videos" / f"{i}_{video}")
         question = ("What happens in this video?", "Describe the scene.")[i // len(VIDEOS)]
-        items.append({"video": f"videos/{i}_{video}", "conversations": [
-            {"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": "People outdoors."}]})  # fmt: skip
+        turns = [{"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": "People outdoors."}]
+        items.append({"video": f"videos/{i}_{video}", "conversations": turns})
     train.write_text(json.dumps(items, indent=1))
     return root / "json" / "registry.json"
 
@@ -149,7 +149,8 @@ def run(work: Path, steps: int, extra: list[str], family: str = "qwen2.5vl", med
     result = subprocess.run([sys.executable, str(ROOT / "qwenvl" / "train" / "train_qwen.py"), *flags,
                              "--overwrite_output_dir", "True"], capture_output=True, text=True)  # fmt: skip
     if result.returncode != 0:
-        raise RuntimeError(f"train_qwen.py exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        tail = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        raise RuntimeError(f"train_qwen.py exited {result.returncode}:\n{tail}")
     return summarise(out / "train_log.jsonl", len(shapes_needed(flags)))
 
 

@@ -40,7 +40,8 @@ RECIPES = {  # name: (flatten, batch, max_pixels, model_max_length)
 }
 
 
-def synthetic_dataset(n: int, settings: VisionSettings, max_length: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def synthetic_dataset(n: int, settings: VisionSettings, max_length: int,
+                      seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """(tokens, patches, has_vision) per sample of the documented mix."""
     rng = np.random.default_rng(seed)
     tokens, patches = np.zeros(n, np.int64), np.zeros(n, np.int64)

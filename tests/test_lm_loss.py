@@ -9,7 +9,7 @@ import pytest
 
 from qwenvl.data.collators import collate_padded
 from qwenvl.model import load_model
-from qwenvl.model.lm_loss import chunk_rows
+from qwenvl.model.lm_loss import chunk_rows, whole_logits_fit
 from qwenvl.train.argument import parse_args
 from qwenvl.train.freezing import apply_tuning_flags
 from qwenvl.train.optimizer import build_optimizer
@@ -18,10 +18,11 @@ from qwenvl.train.train_step import TrainStep
 from tests.test_train_layouts import _samples
 
 
-def test_chunk_rows_are_whole_multiples_of_64_within_the_budget():
-    assert chunk_rows(10_000, 151936, 2**26) == 384  # 441 rows of 151936 logits fit, cut to a multiple of 64
+def test_chunks_split_the_rows_evenly_within_the_budget():
+    assert chunk_rows(10_000, 151936, 2**26) == 440  # 441 rows fit: 23 chunks of 435 rows, to a multiple of 8
     assert chunk_rows(10_000, 300, 2**26) == 10_000  # everything in one chunk
     assert chunk_rows(10_000, 10**9, 2**26) == 64  # never below 64 rows
+    assert whole_logits_fit(511, 151936, 2**27) and not whole_logits_fit(2047, 151936, 2**27)
 
 
 def _loss_and_grads(model_dir, batch, dtype: str, values: int | None, *flags: str):
@@ -48,8 +49,8 @@ def test_chunked_loss_equals_whole_logits(tiny_model_factory, family, dtype, rto
     batch = collate_padded(samples, pad)
     rows = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
     vocab = int(load_model(model_dir).lm_head.weight.shape[0])
-    values = 64 * vocab  # chunks of 64 rows: several, the last one padded
-    assert rows > 2 * 64 and rows % 64 != 0
+    values = 64 * vocab  # chunks of at most 64 rows: several
+    assert rows > 2 * chunk_rows(rows, vocab, values)
     whole = _loss_and_grads(model_dir, batch, dtype, None)
     chunked = _loss_and_grads(model_dir, batch, dtype, values)
     assert chunked[1] == whole[1]

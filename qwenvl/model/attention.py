@@ -34,9 +34,8 @@ def _causal_block(rows: int, start: int, keys: int) -> Tensor:
 
 
 def _key_span(stop: int, block: int, length: int) -> int:
-    """Keys a causal block of rows ending at `stop` computes: `stop` rounded up to block x a power of two.
-
-    The causal mask hides the extra keys. Exact spans would give every block a different size, and
+    """Keys a chained causal block of rows ending at `stop` computes: `stop` rounded up to block x a power of
+    two. The causal mask hides the extra keys. Exact spans would give every block a different size, and
     MindSpore's CPU memory pool serves each new size with fresh memory (measured: a causal 8192-token row
     then holds ~2x the transients of 8 rows of 1024); a few size classes let later blocks reuse the memory
     of earlier ones, for at most 2x (on average ~1.3x) the score computations of exact spans."""
@@ -46,12 +45,21 @@ def _key_span(stop: int, block: int, length: int) -> int:
     return min(keys, length)
 
 
+CHAIN_BYTES = 2**28  # blocks whose float32 scores together exceed this run one after another
+
+
 @constexpr
-def _query_blocks(length: int, block: int, causal: bool) -> tuple:
-    """(start, stop, keys) per block of query rows, largest first (smaller blocks then fit in freed memory)."""
+def _plan_blocks(batch: int, heads: int, length: int, block: int, causal: bool) -> tuple:
+    """(chained, ((start, stop, keys), ...)): the blocks of query rows, causal ones seeing keys up to their last
+    row. Chained (one after another, largest first, causal spans in size classes) only when the blocks'
+    float32 scores together exceed CHAIN_BYTES; smaller ones run as the runtime schedules them, in parallel,
+    which is faster for short sequences."""
     spans = [(start, min(start + block, length)) for start in range(0, length, block)]
-    return tuple((start, stop, _key_span(stop, block, length) if causal else length)
-                 for start, stop in reversed(spans))
+    exact = tuple((start, stop, stop if causal else length) for start, stop in spans)
+    if batch * heads * sum((stop - start) * keys for start, stop, keys in exact) * 4 <= CHAIN_BYTES:
+        return False, exact
+    return True, tuple((start, stop, _key_span(stop, block, length) if causal else length)
+                       for start, stop in reversed(spans))
 
 
 def _f32(x):
@@ -110,15 +118,18 @@ class _BlockedAttention(nn.Cell):
         n_rep = q.shape[1] // k.shape[1]
         k, v = _repeat_heads(k, n_rep), _repeat_heads(v, n_rep)
         outs, lses = [], []
-        for start, stop, keys in _query_blocks(q.shape[2], self.block, self.causal):
-            scores = self._scores(q, k, seg, start, stop, keys, outs[-1] if outs else None)
+        chain, blocks = _plan_blocks(q.shape[0], q.shape[1], q.shape[2], self.block, self.causal)
+        for start, stop, keys in blocks:
+            scores = self._scores(q, k, seg, start, stop, keys, outs[-1] if outs and chain else None)
             top = ops.stop_gradient(scores.max(-1, keepdims=True))
             weights = ops.exp(scores - _expand(top, scores))
             total = weights.sum(-1, keepdims=True)
             probs = weights * _expand(1.0 / total, weights)
             outs.append(ops.cast(_BMM(probs, _f32(v[:, :, :keys])), q.dtype))
             lses.append(top + ops.log(total))
-        return ops.cat(outs[::-1], 2), ops.cat(lses[::-1], 2)
+        if chain:  # computed last block first
+            outs, lses = outs[::-1], lses[::-1]
+        return ops.cat(outs, 2), ops.cat(lses, 2)
 
     def bprop(self, q, k, v, seg, out, dout):
         # everything recomputed here waits for the incoming gradient: the scheduler would otherwise run the
@@ -132,8 +143,9 @@ class _BlockedAttention(nn.Cell):
         dq_blocks = []
         dk = ops.zeros(kr.shape, ms.float32)
         dv = ops.zeros(vr.shape, ms.float32)
-        for start, stop, keys in _query_blocks(length, self.block, self.causal):
-            after = dk if dq_blocks else None
+        chain, blocks = _plan_blocks(q.shape[0], q.shape[1], length, self.block, self.causal)
+        for start, stop, keys in blocks:
+            after = dk if dq_blocks and chain else None
             if after is not None:  # every input of this block waits for the previous one (see `_scores`)
                 d_out, output, lse, vr = (ops.depend(t, after) for t in (d_out, output, lse, vr))
             scores = self._scores(q, kr, seg, start, stop, keys, after)
@@ -150,7 +162,7 @@ class _BlockedAttention(nn.Cell):
                 dv_block, dk_block = ops.cat((dv_block, pad), 2), ops.cat((dk_block, pad), 2)
             dv = dv + dv_block
             dk = dk + dk_block
-        dq = ops.cast(ops.cat(dq_blocks[::-1], 2), q.dtype)
+        dq = ops.cast(ops.cat(dq_blocks[::-1] if chain else dq_blocks, 2), q.dtype)
         dk, dv = ops.cast(_sum_heads(dk, n_rep), k.dtype), ops.cast(_sum_heads(dv, n_rep), v.dtype)
         return dq, dk, dv, ops.zeros_like(seg)
 

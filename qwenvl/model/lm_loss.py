@@ -20,16 +20,28 @@ from qwenvl.constants import IGNORE_INDEX
 from qwenvl.model.layers import causal_lm_loss_sum
 from qwenvl.model.weight_ops import MATMUL_NT, WeightSource, matmul_dtype
 
-CHUNK_VALUES = 2**26  # logits per chunk (256 MiB in float32)
+CHUNK_VALUES = 2**27  # logits per chunk (512 MiB in float32)
 _MM_NN = ops.MatMul()
 _MM_TN = ops.MatMul(transpose_a=True)
 
 
 @constexpr
 def chunk_rows(rows: int, vocab: int, values: int = CHUNK_VALUES) -> int:
-    """Rows per chunk: `values` logits' worth, a multiple of 64, at least 64, at most all rows."""
-    per_chunk = max(64, values // max(vocab, 1) // 64 * 64)
-    return min(per_chunk, rows)
+    """Rows per chunk: the rows split evenly into as few chunks as keep each within `values` logits (at least
+    64 rows), rounded up to a multiple of 8; all rows when they fit. Even chunks pad at most a few rows."""
+    most = max(64, values // max(vocab, 1))
+    if rows <= most:
+        return rows
+    chunks = -(-rows // most)
+    size = -(-rows // chunks)
+    return -(-size // 8) * 8
+
+
+@constexpr
+def whole_logits_fit(rows: int, vocab: int, values: int = CHUNK_VALUES) -> bool:
+    """Whether the logits fit in one chunk: then the plain loss (autodiff keeps the logits, no recomputation)
+    is both as small and faster."""
+    return rows * vocab <= values
 
 
 def _log_sum_exp(logits):
@@ -85,13 +97,14 @@ class _ChunkedCrossEntropy(nn.Cell):
         d_loss = dout[0]
         w = self._weight(stored, d_loss, matmul_dtype(h.dtype))
         chunk = chunk_rows(h.shape[0], w.shape[0], self.values)
-        dh_chunks = []
-        dw = ops.zeros(w.shape, ms.float32)
+        dh_chunks, dw_parts = [], []
         for start in range(0, h.shape[0], chunk):
             stop = start + chunk
             d_logits = self._d_logits(h, w, target, valid, d_loss, start, stop, dh_chunks[-1] if dh_chunks else None)
             dh_chunks.append(ops.cast(_MM_NN(d_logits, ops.cast(w, ms.float32)), h.dtype))
-            dw = dw + _MM_TN(d_logits, ops.cast(h[start:stop], ms.float32))
+            part = _MM_TN(d_logits, ops.cast(h[start:stop], ms.float32))
+            dw_parts.append(part if not dw_parts else dw_parts[-1] + part)  # no zero-filled start
+        dw = dw_parts[-1]
         dh = ops.cat(dh_chunks, 0)
         if self.source is None:
             dw_stored = ops.cast(dw, stored.dtype).reshape(stored.shape)
@@ -159,6 +172,7 @@ class ChunkedLossHead:
         self.lm_loss = lm_loss_for(self.lm_head, values)
 
     def _loss(self, hidden, labels):
-        if self.lm_loss is None:
+        rows = hidden.shape[0] * (hidden.shape[1] - 1)
+        if self.lm_loss is None or whole_logits_fit(rows, self.lm_head.weight_shape[0], self.lm_loss.values):
             return causal_lm_loss_sum(ops.cast(self.lm_head(hidden), ms.float32), labels)
         return self.lm_loss(hidden, labels, self.lm_head.weight)
