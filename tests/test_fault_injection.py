@@ -170,7 +170,7 @@ def _msrun(tiny: Path, out: Path, logs: Path, fault: str) -> tuple[int, str]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    tails = [f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(logs.glob("worker_*.log"))]
+    tails = [f"--- {p.name}\n{p.read_text(errors='replace')[-8000:]}" for p in sorted(logs.glob("worker_*.log"))]
     return proc.returncode, "\n".join(tails)
 
 
