@@ -28,6 +28,11 @@ _BMM_TN = ops.BatchMatMul(transpose_a=True)
 
 
 @constexpr
+def _neg_inf() -> Tensor:
+    return Tensor(NEG_INF, ms.float32)
+
+
+@constexpr
 def _causal_block(rows: int, start: int, keys: int) -> Tensor:
     """(rows, keys) bool: query start + i may see key j <= start + i."""
     return Tensor(np.arange(keys)[None, :] <= (start + np.arange(rows))[:, None])
@@ -104,15 +109,15 @@ class _BlockedAttention(nn.Cell):
         with the number of blocks (the sequence length) times the keys."""
         if after is not None:  # the mask waits too: it depends on nothing else, so it would be built first
             q, seg = ops.depend(q, after), ops.depend(seg, after)
-        scores = _BMM_NT(_f32(q[:, :, start:stop]), _f32(k[:, :, :keys])) * self.scale
+        scores = _BMM_NT(_f32(q[:, :, start:stop]) * self.scale, _f32(k[:, :, :keys]))
         shape = (seg.shape[0], stop - start, keys)
         rows = seg[:, start:stop]
         rows = ops.select(rows < 0, -rows - 1, rows)  # padding queries belong to their row's segment
         allowed = ops.broadcast_to(rows[:, :, None], shape) == ops.broadcast_to(seg[:, None, :keys], shape)
         if self.causal:
             allowed = ops.logical_and(allowed, _expand(_causal_block(stop - start, start, keys), allowed))
-        bias = ops.select(allowed, ops.zeros(allowed.shape, ms.float32), ops.fill(ms.float32, allowed.shape, NEG_INF))
-        return scores + _expand(bias[:, None], scores)
+        # one fill over the scores: fewer full-size passes than building an additive bias and adding it
+        return ops.masked_fill(scores, _expand(ops.logical_not(allowed)[:, None], scores), _neg_inf())
 
     def construct(self, q, k, v, seg):
         n_rep = q.shape[1] // k.shape[1]
