@@ -1,4 +1,5 @@
-"""The language-model loss straight from the last hidden states, the vocabulary logits one chunk of rows at a time.
+"""The language-model loss straight from the last hidden states, the vocabulary logits one chunk of rows at a time
+once they exceed CHUNK_VALUES (smaller ones take the plain loss: `ChunkedLossHead._loss`).
 
 Why: the (tokens x vocab) float32 logits are the largest tensor of a step (8192 tokens x 151936 = 5 GB, and
 autodiff would keep them and their gradient besides). Here the forward pass computes each chunk's logits,
