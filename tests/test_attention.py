@@ -80,6 +80,29 @@ def test_blocked_attention_equals_dense_in_values_and_gradients(layout, causal):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_reach_limited_blocks_equal_dense_on_segments_within_reach(causal):
+    """Windows of at most 5 positions (reach 5), blocks of 4: each block computes only the keys within reach, and
+    outputs and gradients equal the dense reference. A trailing padding segment longer than the reach is seen in
+    part only, so the loss weighs the real rows alone (padding rows are never used)."""
+    cuts = np.array([0, 5, 8, 13, 14, 19, 31])  # five windows (<= 5 positions), then 12 positions of padding
+    seg = segment_ids(31, cuts)[None]
+    q, k, v, seg_t, weights = _case(seg, seed=5)
+    real = np.zeros(weights.shape, np.float32)
+    real[:, :19] = 1
+    weights = weights * Tensor(real)
+    scale = 8**-0.5
+    limited = SegmentAttention(scale, causal)
+    limited.core = _BlockedAttention(scale, causal, block=4, reach=5)
+    dense = lambda q, k, v, s: _dense(q, k, v, s, scale, causal)  # noqa: E731
+    np.testing.assert_allclose(limited(q, k, v, seg_t).asnumpy()[:, :19], dense(q, k, v, seg_t).asnumpy()[:, :19],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    got = ms.grad(_Loss(limited, weights), grad_position=(0, 1, 2))(q, k, v, seg_t)
+    want = ms.grad(_Loss(dense, weights), grad_position=(0, 1, 2))(q, k, v, seg_t)
+    for name, a, b in zip("qkv", got, want):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
 def test_blocked_attention_compiles_with_its_backward():
     seg = SEGMENTS["packed"]
     q, k, v, seg_t, weights = _case(seg, seed=3)

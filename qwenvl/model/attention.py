@@ -33,9 +33,9 @@ def _neg_inf() -> Tensor:
 
 
 @constexpr
-def _causal_block(rows: int, start: int, keys: int) -> Tensor:
-    """(rows, keys) bool: query start + i may see key j <= start + i."""
-    return Tensor(np.arange(keys)[None, :] <= (start + np.arange(rows))[:, None])
+def _causal_block(rows: int, start: int, lo: int, keys: int) -> Tensor:
+    """(rows, keys) bool: query start + i may see key lo + j <= start + i."""
+    return Tensor(lo + np.arange(keys)[None, :] <= (start + np.arange(rows))[:, None])
 
 
 def _key_span(stop: int, block: int, length: int) -> int:
@@ -53,18 +53,28 @@ def _key_span(stop: int, block: int, length: int) -> int:
 CHAIN_BYTES = 2**28  # blocks whose float32 scores together exceed this run one after another
 
 
+def _key_range(start: int, stop: int, length: int, causal: bool, reach: int) -> tuple[int, int]:
+    """Keys [lo, hi) rows [start, stop) can see: all (causal: up to the last row), or with segments of at most
+    `reach` positions only those within reach - 1 of the block."""
+    hi = stop if causal else length
+    if not reach:
+        return 0, hi
+    return max(0, start - reach + 1), min(hi, stop + reach - 1)
+
+
 @constexpr
-def _plan_blocks(batch: int, heads: int, length: int, block: int, causal: bool) -> tuple:
-    """(chained, ((start, stop, keys), ...)): the blocks of query rows, causal ones seeing keys up to their last
-    row. Chained (one after another, largest first, causal spans in size classes) only when the blocks'
+def _plan_blocks(batch: int, heads: int, length: int, block: int, causal: bool, reach: int) -> tuple:
+    """(chained, ((start, stop, lo, hi), ...)): the blocks of query rows and the keys [lo, hi) each computes.
+    Chained (one after another, largest first, causal spans from 0 in size classes) only when the blocks'
     float32 scores together exceed CHAIN_BYTES; smaller ones run as the runtime schedules them, in parallel,
     which is faster for short sequences."""
     spans = [(start, min(start + block, length)) for start in range(0, length, block)]
-    exact = tuple((start, stop, stop if causal else length) for start, stop in spans)
-    if batch * heads * sum((stop - start) * keys for start, stop, keys in exact) * 4 <= CHAIN_BYTES:
+    exact = tuple((start, stop) + _key_range(start, stop, length, causal, reach) for start, stop in spans)
+    if batch * heads * sum((stop - start) * (hi - lo) for start, stop, lo, hi in exact) * 4 <= CHAIN_BYTES:
         return False, exact
-    return True, tuple((start, stop, _key_span(stop, block, length) if causal else length)
-                       for start, stop in reversed(spans))
+    if not causal or reach:
+        return True, exact[::-1]
+    return True, tuple((start, stop, 0, _key_span(stop, block, length)) for start, stop in reversed(spans))
 
 
 def _f32(x):
@@ -95,27 +105,28 @@ def _sum_heads(x, n_rep: int):
 class _BlockedAttention(nn.Cell):
     """softmax(q k^T * scale + mask) v over query blocks; returns (out, log-sum-exp); backward recomputes."""
 
-    def __init__(self, scale: float, causal: bool, block: int = QUERY_BLOCK) -> None:
+    def __init__(self, scale: float, causal: bool, block: int = QUERY_BLOCK, reach: int = 0) -> None:
         super().__init__()
         self.scale = float(scale)
         self.causal = causal
         self.block = int(block)
+        self.reach = int(reach)
 
-    def _scores(self, q, k, seg, start: int, stop: int, keys: int, after):
-        """Masked, scaled float32 scores of rows [start, stop) against keys [0, keys): (B, H, rows, keys).
+    def _scores(self, q, k, seg, start: int, stop: int, lo: int, hi: int, after):
+        """Masked, scaled float32 scores of rows [start, stop) against keys [lo, hi): (B, H, rows, keys).
 
         Computed only once `after` (the previous block's result) exists: left alone, the scheduler runs every
         block's first matmul up front and every block's transients are alive at once, so memory would grow
         with the number of blocks (the sequence length) times the keys."""
         if after is not None:  # the mask waits too: it depends on nothing else, so it would be built first
             q, seg = ops.depend(q, after), ops.depend(seg, after)
-        scores = _BMM_NT(_f32(q[:, :, start:stop]) * self.scale, _f32(k[:, :, :keys]))
-        shape = (seg.shape[0], stop - start, keys)
+        scores = _BMM_NT(_f32(q[:, :, start:stop]) * self.scale, _f32(k[:, :, lo:hi]))
+        shape = (seg.shape[0], stop - start, hi - lo)
         rows = seg[:, start:stop]
         rows = ops.select(rows < 0, -rows - 1, rows)  # padding queries belong to their row's segment
-        allowed = ops.broadcast_to(rows[:, :, None], shape) == ops.broadcast_to(seg[:, None, :keys], shape)
+        allowed = ops.broadcast_to(rows[:, :, None], shape) == ops.broadcast_to(seg[:, None, lo:hi], shape)
         if self.causal:
-            allowed = ops.logical_and(allowed, _expand(_causal_block(stop - start, start, keys), allowed))
+            allowed = ops.logical_and(allowed, _expand(_causal_block(stop - start, start, lo, hi - lo), allowed))
         # one fill over the scores: fewer full-size passes than building an additive bias and adding it
         return ops.masked_fill(scores, _expand(ops.logical_not(allowed)[:, None], scores), _neg_inf())
 
@@ -123,14 +134,14 @@ class _BlockedAttention(nn.Cell):
         n_rep = q.shape[1] // k.shape[1]
         k, v = _repeat_heads(k, n_rep), _repeat_heads(v, n_rep)
         outs, lses = [], []
-        chain, blocks = _plan_blocks(q.shape[0], q.shape[1], q.shape[2], self.block, self.causal)
-        for start, stop, keys in blocks:
-            scores = self._scores(q, k, seg, start, stop, keys, outs[-1] if outs and chain else None)
+        chain, blocks = _plan_blocks(q.shape[0], q.shape[1], q.shape[2], self.block, self.causal, self.reach)
+        for start, stop, lo, hi in blocks:
+            scores = self._scores(q, k, seg, start, stop, lo, hi, outs[-1] if outs and chain else None)
             top = ops.stop_gradient(scores.max(-1, keepdims=True))
             weights = ops.exp(scores - _expand(top, scores))
             total = weights.sum(-1, keepdims=True)
             probs = weights * _expand(1.0 / total, weights)
-            outs.append(ops.cast(_BMM(probs, _f32(v[:, :, :keys])), q.dtype))
+            outs.append(ops.cast(_BMM(probs, _f32(v[:, :, lo:hi])), q.dtype))
             lses.append(top + ops.log(total))
         if chain:  # computed last block first
             outs, lses = outs[::-1], lses[::-1]
@@ -148,23 +159,26 @@ class _BlockedAttention(nn.Cell):
         dq_blocks = []
         dk = ops.zeros(kr.shape, ms.float32)
         dv = ops.zeros(vr.shape, ms.float32)
-        chain, blocks = _plan_blocks(q.shape[0], q.shape[1], length, self.block, self.causal)
-        for start, stop, keys in blocks:
+        chain, blocks = _plan_blocks(q.shape[0], q.shape[1], length, self.block, self.causal, self.reach)
+        for start, stop, lo, hi in blocks:
             after = dk if dq_blocks and chain else None
             if after is not None:  # every input of this block waits for the previous one (see `_scores`)
                 d_out, output, lse, vr = (ops.depend(t, after) for t in (d_out, output, lse, vr))
-            scores = self._scores(q, kr, seg, start, stop, keys, after)
+            scores = self._scores(q, kr, seg, start, stop, lo, hi, after)
             probs = ops.exp(scores - _expand(lse[:, :, start:stop], scores))
             grad_out = d_out[:, :, start:stop]
             dv_block = _BMM_TN(probs, grad_out)  # (B, H, keys, D)
-            d_probs = _BMM_NT(grad_out, _f32(vr[:, :, :keys]))
+            d_probs = _BMM_NT(grad_out, _f32(vr[:, :, lo:hi]))
             delta = (grad_out * _f32(output[:, :, start:stop])).sum(-1, keepdims=True)
             d_scores = probs * (d_probs - _expand(delta, d_probs)) * self.scale
-            dq_blocks.append(_BMM(d_scores, _f32(kr[:, :, :keys])))
+            dq_blocks.append(_BMM(d_scores, _f32(kr[:, :, lo:hi])))
             dk_block = _BMM_TN(d_scores, _f32(q[:, :, start:stop]))
-            if keys < length:
-                pad = ops.zeros((dk.shape[0], dk.shape[1], length - keys, dk.shape[3]), ms.float32)
-                dv_block, dk_block = ops.cat((dv_block, pad), 2), ops.cat((dk_block, pad), 2)
+            if lo > 0:
+                before = ops.zeros((dk.shape[0], dk.shape[1], lo, dk.shape[3]), ms.float32)
+                dv_block, dk_block = ops.cat((before, dv_block), 2), ops.cat((before, dk_block), 2)
+            if hi < length:
+                after_keys = ops.zeros((dk.shape[0], dk.shape[1], length - hi, dk.shape[3]), ms.float32)
+                dv_block, dk_block = ops.cat((dv_block, after_keys), 2), ops.cat((dk_block, after_keys), 2)
             dv = dv + dv_block
             dk = dk + dk_block
         dq = ops.cast(ops.cat(dq_blocks[::-1] if chain else dq_blocks, 2), q.dtype)
@@ -176,13 +190,15 @@ class SegmentAttention(nn.Cell):
     """Attention of (B, H, L, D) queries on (B, Hkv, L, D) keys/values within equal segment ids (B, L),
     causal or not; returns (B, L, H*D). A negative id -(s + 1) marks padding: seen by no query, itself
     querying segment s. `lengths` (Ascend only): `tnd_lengths` of the same ids, where padding forms its own
-    segments (their outputs are never used)."""
+    segments (their outputs are never used). `reach` (> 0): no real segment is longer, so the CPU twin computes
+    each block of queries against the keys within reach of it only (Qwen2.5-VL's windows); a padding segment
+    may be longer: its rows then see part of it, and their outputs are unused as always."""
 
-    def __init__(self, scale: float, causal: bool) -> None:
+    def __init__(self, scale: float, causal: bool, reach: int = 0) -> None:
         super().__init__()
         self.scale = float(scale)
         self.causal = causal
-        self.core = _BlockedAttention(scale, causal)
+        self.core = _BlockedAttention(scale, causal, reach=reach)
 
     def construct(self, q, k, v, seg, lengths=None):
         b, h, length, d = q.shape

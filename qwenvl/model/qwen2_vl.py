@@ -85,13 +85,13 @@ class PatchEmbed(nn.Cell):
 class VisionAttention(nn.Cell):
     """Bidirectional attention over (N, dim) patches with 2-D rotary, within segments (frames or windows)."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, reach: int = 0) -> None:
         super().__init__()
         self.qkv = Linear(dim, 3 * dim)
         self.proj = Linear(dim, dim)
         self.heads = heads
         self.head_dim = dim // heads
-        self.attn = SegmentAttention(self.head_dim**-0.5, causal=False)
+        self.attn = SegmentAttention(self.head_dim**-0.5, causal=False, reach=reach)
 
     def construct(self, x, segments, cos, sin, lengths=None):
         """x (N, dim); cos/sin (1, N, 1, head_dim); segments (1, N)."""
@@ -132,11 +132,13 @@ class GatedMlp(nn.Cell):
 
 
 class VisionBlock(nn.Cell):
-    def __init__(self, dim: int, heads: int, norm: type, mlp: nn.Cell) -> None:
+    """Pre-norm attention + MLP; `reach`: the longest segment its attention sees (window blocks), 0 unbounded."""
+
+    def __init__(self, dim: int, heads: int, norm: type, mlp: nn.Cell, reach: int = 0) -> None:
         super().__init__()
         self.norm1 = norm(dim, 1e-6)
         self.norm2 = norm(dim, 1e-6)
-        self.attn = VisionAttention(dim, heads)
+        self.attn = VisionAttention(dim, heads, reach)
         self.mlp = mlp
 
     def construct(self, x, segments, cos, sin, lengths=None):
@@ -199,12 +201,20 @@ def qwen2_vision(vision: dict) -> VisionTransformer:
 def qwen25_vision(vision: dict) -> VisionTransformer:
     dim, heads = vision["hidden_size"], vision["num_heads"]
     act = vision.get("hidden_act", "silu")
-    blocks = [VisionBlock(dim, heads, RMSNorm, GatedMlp(dim, vision["intermediate_size"], act, bias=True))
-              for _ in range(vision["depth"])]  # fmt: skip
-    merger = PatchMerger(vision["out_hidden_size"], dim, vision["spatial_merge_size"], RMSNorm)
     full = set(vision.get("fullatt_block_indexes", ()))
     windowed = tuple(index not in full for index in range(vision["depth"]))
+    reach = window_patches(vision)
+    blocks = [VisionBlock(dim, heads, RMSNorm, GatedMlp(dim, vision["intermediate_size"], act, bias=True),
+                          reach if windowed[index] else 0) for index in range(vision["depth"])]  # fmt: skip
+    merger = PatchMerger(vision["out_hidden_size"], dim, vision["spatial_merge_size"], RMSNorm)
     return VisionTransformer(PatchEmbed(vision, dim), blocks, merger, windowed)
+
+
+def window_patches(vision: dict) -> int:
+    """Patches in one Qwen2.5-VL attention window (64 for window_size 112, patch 14, merge 2): the most a window
+    segment holds (`window_layout`)."""
+    merge, patch = vision["spatial_merge_size"], vision["patch_size"]
+    return (vision["window_size"] // merge // patch * merge) ** 2
 
 
 def window_layout(grid_thw: np.ndarray, merge: int, patch: int, window_size: int) -> tuple[np.ndarray, np.ndarray]:
