@@ -11,6 +11,7 @@ from mindspore import Tensor, nn, ops
 from qwenvl.model.attention import (
     SegmentAttention,
     _BlockedAttention,
+    _plan_blocks,
     segment_ids,
     text_segment_ids,
     tnd_lengths,
@@ -80,11 +81,24 @@ def test_blocked_attention_equals_dense_in_values_and_gradients(layout, causal):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
 
 
+class _WithReachInput(nn.Cell):
+    """Attention given its reach per call, as the length of an input (the models' `vision_reach`)."""
+
+    def __init__(self, attention: SegmentAttention, reach: int) -> None:
+        super().__init__()
+        self.attention, self.reach = attention, Tensor(np.zeros(reach, np.int8))
+
+    def construct(self, q, k, v, seg):
+        return self.attention(q, k, v, seg, None, self.reach)
+
+
+@pytest.mark.parametrize("given", ["fixed", "input"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_reach_limited_blocks_equal_dense_on_segments_within_reach(causal):
-    """Windows of at most 5 positions (reach 5), blocks of 4: each block computes only the keys within reach, and
-    outputs and gradients equal the dense reference. A trailing padding segment longer than the reach is seen in
-    part only, so the loss weighs the real rows alone (padding rows are never used)."""
+def test_reach_limited_blocks_equal_dense_on_segments_within_reach(causal, given):
+    """Windows of at most 5 positions (reach 5, fixed by the model or given as an input's length), blocks of 4:
+    each block computes only the keys within reach, and outputs and gradients equal the dense reference. A
+    trailing padding segment longer than the reach is seen in part only, so the loss weighs the real rows alone
+    (padding rows are never used)."""
     cuts = np.array([0, 5, 8, 13, 14, 19, 31])  # five windows (<= 5 positions), then 12 positions of padding
     seg = segment_ids(31, cuts)[None]
     q, k, v, seg_t, weights = _case(seg, seed=5)
@@ -93,7 +107,9 @@ def test_reach_limited_blocks_equal_dense_on_segments_within_reach(causal):
     weights = weights * Tensor(real)
     scale = 8**-0.5
     limited = SegmentAttention(scale, causal)
-    limited.core = _BlockedAttention(scale, causal, block=4, reach=5)
+    limited.core = _BlockedAttention(scale, causal, block=4, reach=5 if given == "fixed" else 0)
+    if given == "input":
+        limited = _WithReachInput(limited, 5)
     dense = lambda q, k, v, s: _dense(q, k, v, s, scale, causal)  # noqa: E731
     np.testing.assert_allclose(limited(q, k, v, seg_t).asnumpy()[:, :19], dense(q, k, v, seg_t).asnumpy()[:, :19],
                                rtol=1e-5, atol=1e-6)  # fmt: skip
@@ -101,6 +117,17 @@ def test_reach_limited_blocks_equal_dense_on_segments_within_reach(causal):
     want = ms.grad(_Loss(dense, weights), grad_position=(0, 1, 2))(q, k, v, seg_t)
     for name, a, b in zip("qkv", got, want):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_blocks_within_reach_compute_only_the_keys_a_segment_can_span():
+    """31 positions in blocks of 4, reach 5: rows [start, stop) need keys [start - 4, stop + 4) (by hand); the
+    model's fixed reach (a window) wins over a per-call one, which is an input's length."""
+    chained, blocks = _plan_blocks(1, 4, 31, 4, False, 5)
+    assert not chained and blocks[:3] == ((0, 4, 0, 8), (4, 8, 0, 12), (8, 12, 4, 16)) and blocks[-1] == (28, 31, 24, 31)
+    assert all(hi == 31 and lo == 0 for _, _, lo, hi in _plan_blocks(1, 4, 31, 4, False, 0)[1])
+    per_call = Tensor(np.zeros(7, np.int8))
+    assert _BlockedAttention(1.0, False)._reach(per_call) == 7 and _BlockedAttention(1.0, False)._reach(None) == 0
+    assert _BlockedAttention(1.0, False, reach=3)._reach(per_call) == 3
 
 
 def test_blocked_attention_compiles_with_its_backward():

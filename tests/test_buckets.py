@@ -67,6 +67,14 @@ def test_flattened_layout_pads_to_the_bucket_with_one_padding_segment():
     assert batch["vision_patches"] == 64  # 40 patches > 16 tokens -> 4 x 16
 
 
+def test_the_frame_bound_travels_with_vision_batches_only():
+    buckets = ShapeBuckets.from_flag("auto", 2, 64, frame_patches=2304)
+    assert collate_padded([sample(5, patches=8)], 0, buckets, 2)["vision_frame_patches"] == 2304
+    assert collate_flattened([sample(5, patches=8)], 0, buckets)["vision_frame_patches"] == 2304
+    assert "vision_frame_patches" not in collate_padded([sample(5)], 0, buckets, 2)
+    assert "vision_frame_patches" not in collate_padded([sample(5, patches=8)], 0, ShapeBuckets((64,)), 2)
+
+
 def _lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(10, 5000, n), rng.random(n) < 0.6

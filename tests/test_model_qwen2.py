@@ -19,6 +19,7 @@ import pytest
 from qwenvl.data.rope2d import get_rope_index_2, get_rope_index_25
 from qwenvl.model import build_model, load_model, named_parameters, save_model
 from qwenvl.model.checkpoint_io import TensorPlan, iter_safetensors, write_safetensors
+from tests.attention_blocks import query_blocks
 from tests.hf_reference import ReferenceJob, reference_outputs
 from tools.make_tiny_model import tiny_config
 
@@ -291,6 +292,30 @@ def test_vision_patch_padding_does_not_change_logits(setup):
     # float32 rounding only: the matmul kernels block a 48-row and a 256-row input differently
     np.testing.assert_allclose(setup.model.logits(**unpadded).asnumpy(), setup.model.logits(**padded).asnumpy(),
                                rtol=0, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["two_images", "video"])
+def test_full_attention_within_the_frame_bound_equals_hf(setup, case):
+    """With the run's frame bound (`vision_frame_patches` 8; the batch's longest frame wins when longer) the
+    full-attention vision blocks compute each block of 16 queries against the keys within one frame's reach
+    of it only, out of 256 padded patches: logits, loss and every gradient still equal HF's."""
+    inputs = setup.inputs({**setup.cases[case], "vision_patches": 256, "vision_frame_patches": 8})
+    assert inputs["vision_reach"].shape == ((48,) if case == "two_images" else (24,))  # frames 16 + 48; 24 + 24
+    ref = setup.ref[case]
+    with query_blocks(setup.model, 16):
+        np.testing.assert_allclose(setup.model.logits(**inputs).asnumpy(), ref["logits"], rtol=0, atol=1e-5)
+        loss, grads = _mean_loss_and_grads(setup.model, inputs)
+    np.testing.assert_allclose(loss, ref["loss"], rtol=1e-4)
+    for name, grad in grads.items():
+        expected = ref[f"grad:{name}"]
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-4 * scale + 1e-9, err_msg=name)
+
+
+def test_vision_reach_is_absent_without_a_frame_bound(setup):
+    assert "vision_reach" not in setup.inputs({**setup.cases["video"], "vision_patches": 256})
+    inputs = setup.inputs({**setup.cases["video"], "vision_frame_patches": 100})
+    assert inputs["vision_reach"].shape == (100,)
 
 
 def test_vision_token_count_mismatch_is_rejected(setup):

@@ -35,6 +35,7 @@ from qwenvl.model.qwen3_vl import (  # noqa: E402
     Qwen3VLMoeForConditionalGeneration,
     pos_embed_interpolation,
 )
+from tests.attention_blocks import query_blocks  # noqa: E402
 from tools.make_tiny_model import tiny_config  # noqa: E402
 
 IDS = {"image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3, "vision_end_token_id": 4,
@@ -297,6 +298,20 @@ def test_vision_patch_padding_matches_reference(setup):
     inputs = model.prepare_inputs({**batch, "vision_patches": real + 64})
     assert inputs["pixel_values"].shape[0] == real + 64
     np.testing.assert_allclose(model.logits(**inputs).asnumpy(), ref["image_video/logits"], rtol=0, atol=1e-5)
+
+
+def test_full_attention_within_the_frame_bound_matches_reference(setup):
+    """With the run's frame bound (`vision_frame_patches` 4; the video's frames of 8 patches are longer, so 8)
+    every vision block computes each block of 4 queries against the keys within one frame's reach of it only,
+    out of 24 + 40 padded patches: logits, loss and every gradient still equal HF's."""
+    model, cases, ref, _ = setup
+    batch = {**cases["video"], "vision_patches": 64, "vision_frame_patches": 4}
+    assert model.prepare_inputs(batch)["vision_reach"].shape == (8,)
+    with query_blocks(model, 4):
+        logits, loss_sum, n_tokens, grads = _native(model, batch)
+    np.testing.assert_allclose(logits, ref["video/logits"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(loss_sum / n_tokens, ref["video/loss"], rtol=1e-4)
+    _assert_grads_close(grads, _ref_grads(ref, "video"))
 
 
 def test_packed_row_equals_samples_one_by_one(setup):

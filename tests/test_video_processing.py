@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qwenvl.data.image_processing import VisionSettings
+from qwenvl.data.image_processing import VisionSettings, image_grid
 from qwenvl.data.video_processing import (
     VideoClip,
     VideoMeta,
@@ -138,3 +138,20 @@ def test_truncated_video_is_a_value_error_naming_the_file(tmp_path, keep):
     with pytest.raises(ValueError, match="clip.avi"):
         read_video_meta(path)
         read_video(path, settings)
+
+
+def test_frame_patch_bound_by_hand_and_over_random_media():
+    """The most patches one frame gets: images within max_pixels, Qwen2.5 frames within video_max_frame_pixels,
+    a Qwen3 clip of >= 2 frames within video_max_pixels; no image or video of ordinary size exceeds it."""
+    assert QWEN25.frame_patch_bound == 576 * 28 * 28 // 14**2 == 2304
+    assert VisionSettings.for_family("qwen2.5vl", video_max_frame_pixels=3000 * 28 * 28).frame_patch_bound == 12000
+    assert QWEN3.frame_patch_bound == max(576 * 28 * 28, 1024 * 28 * 28 // 2) // 16**2 == 1764
+    assert VisionSettings.for_family("qwen3vl", max_pixels=100 * 32 * 32).frame_patch_bound == 1568
+    rng = np.random.default_rng(0)
+    for settings in (QWEN25, QWEN3):
+        for height, width in rng.integers(60, 4000, (200, 2)):
+            _, h, w = image_grid(int(height), int(width), settings)
+            assert h * w <= settings.frame_patch_bound
+            meta = VideoMeta(total_frames=int(rng.integers(20, 900)), fps=30.0, height=int(height), width=int(width))
+            _, h, w = video_grid(meta, settings)
+            assert h * w <= settings.frame_patch_bound

@@ -11,6 +11,10 @@ collator pads every micro-batch to one of a few shapes, known before the first s
   for every Qwen family). A merged vision token is a token, so a micro-batch never has more than
   `unit` x tokens patches: three choices per token bucket are enough, coupled to it.
 
+`frame_patches`, the most patches one frame can have under the run's pixel limits, is not padded to: it is
+passed along (`vision_frame_patches`) as a static bound for the models' full-attention vision blocks, whose CPU
+twin then computes each block of queries against the keys within one frame's reach instead of all patches.
+
 So a run compiles at most 3 x (number of token buckets) train-step graphs, 18 by default; a realistic
 mix meets 12-16 of them (`bench/shapes.py`). The price is padding: under 2x of the tokens by construction
 (about 1.5x on that mix), more of the vision patches. `--length_buckets` sets the token ladder by hand,
@@ -41,26 +45,27 @@ def default_ladder(largest: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class ShapeBuckets:
-    """The token ladder a run pads to (ascending), or None for the unbucketed policy."""
+    """The token ladder a run pads to (ascending), or None for the unbucketed policy; the frame bound (0: none)."""
 
     tokens: tuple[int, ...] | None
     unit: int = VISION_UNIT
+    frame_patches: int = 0
 
     @classmethod
-    def from_flag(cls, flag: str, rows: int, model_max_length: int) -> "ShapeBuckets":
+    def from_flag(cls, flag: str, rows: int, model_max_length: int, frame_patches: int = 0) -> "ShapeBuckets":
         """`auto` (default ladder), `off`, or a comma list of token counts per micro-batch."""
         value = (flag or "auto").strip().lower()
         if value == "auto":
-            return cls(default_ladder(rows * model_max_length))
+            return cls(default_ladder(rows * model_max_length), frame_patches=frame_patches)
         if value == "off":
-            return cls(None)
+            return cls(None, frame_patches=frame_patches)
         try:
             ladder = sorted({int(v) for v in value.split(",") if v.strip()})
         except ValueError:
             ladder = []
         if not ladder or ladder[0] <= 0:
             raise ValueError(f"--length_buckets {flag!r}: expected auto, off or positive token counts like 1024,4096")
-        return cls(tuple(ladder))
+        return cls(tuple(ladder), frame_patches=frame_patches)
 
     def token_count(self, n: int) -> int:
         """Padded tokens of a micro-batch with `n` (rows x longest row); past the ladder, its top's multiples."""

@@ -29,13 +29,16 @@ POSITION_PAD = 1
 def _vision_fields(samples: Sequence[EncodedSample], buckets: ShapeBuckets | None, tokens: int) -> dict:
     """Concatenate pixels and grids across the batch along dim 0; None where no sample has the modality.
 
-    With buckets, `vision_patches` is the patch count the model pads the vision input to."""
+    With buckets, `vision_patches` is the patch count the model pads the vision input to, and
+    `vision_frame_patches` the run's bound on the patches of one frame (see `ShapeBuckets`)."""
 
     names = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     fields = {name: cat_optional([getattr(s, name) for s in samples]) for name in names}
     if buckets is not None:
         patches = sum(len(fields[key]) for key in ("pixel_values", "pixel_values_videos") if fields[key] is not None)
         fields["vision_patches"] = buckets.patch_count(patches, tokens)
+        if patches and buckets.frame_patches:
+            fields["vision_frame_patches"] = buckets.frame_patches
     return fields
 
 

@@ -69,6 +69,18 @@ class VisionSettings:
         """Side lengths are multiples of this: 28 for Qwen2/2.5, 32 for Qwen3."""
         return self.patch_size * self.merge_size
 
+    @property
+    def frame_patch_bound(self) -> int:
+        """Most patches one frame (an image, or one temporal patch of a video) gets under these limits: images
+        and Qwen2/2.5 video frames are resized within their own pixel limit, a Qwen3 clip of at least
+        `temporal_patch_size` frames within `video_max_pixels`. (smart_resize may round a frame of a tiny
+        picture just past its minimum; a batch with such a frame says so itself.)"""
+        if self.family == "qwen3vl":
+            video = self.video_max_pixels // self.temporal_patch_size
+        else:
+            video = self.video_max_frame_pixels
+        return max(self.max_pixels, video) // self.patch_size**2
+
     @classmethod
     def for_family(cls, family: str, **overrides) -> "VisionSettings":
         """Defaults of the published checkpoints of a family (Qwen3: patch 16, mean/std 0.5)."""

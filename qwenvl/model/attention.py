@@ -103,7 +103,10 @@ def _sum_heads(x, n_rep: int):
 
 
 class _BlockedAttention(nn.Cell):
-    """softmax(q k^T * scale + mask) v over query blocks; returns (out, log-sum-exp); backward recomputes."""
+    """softmax(q k^T * scale + mask) v over query blocks; returns (out, log-sum-exp); backward recomputes.
+
+    The reach (see `SegmentAttention`) is the constructor's, else the length of the optional `reach` input,
+    whose values are never read: a static bound that comes with the data, and a new one compiles a new graph."""
 
     def __init__(self, scale: float, causal: bool, block: int = QUERY_BLOCK, reach: int = 0) -> None:
         super().__init__()
@@ -130,11 +133,16 @@ class _BlockedAttention(nn.Cell):
         # one fill over the scores: fewer full-size passes than building an additive bias and adding it
         return ops.masked_fill(scores, _expand(ops.logical_not(allowed)[:, None], scores), _neg_inf())
 
-    def construct(self, q, k, v, seg):
+    def _reach(self, reach) -> int:
+        if self.reach or reach is None:
+            return self.reach
+        return reach.shape[0]
+
+    def construct(self, q, k, v, seg, reach=None):
         n_rep = q.shape[1] // k.shape[1]
         k, v = _repeat_heads(k, n_rep), _repeat_heads(v, n_rep)
         outs, lses = [], []
-        chain, blocks = _plan_blocks(q.shape[0], q.shape[1], q.shape[2], self.block, self.causal, self.reach)
+        chain, blocks = _plan_blocks(q.shape[0], q.shape[1], q.shape[2], self.block, self.causal, self._reach(reach))
         for start, stop, lo, hi in blocks:
             scores = self._scores(q, k, seg, start, stop, lo, hi, outs[-1] if outs and chain else None)
             top = ops.stop_gradient(scores.max(-1, keepdims=True))
@@ -147,7 +155,7 @@ class _BlockedAttention(nn.Cell):
             outs, lses = outs[::-1], lses[::-1]
         return ops.cat(outs, 2), ops.cat(lses, 2)
 
-    def bprop(self, q, k, v, seg, out, dout):
+    def bprop(self, q, k, v, seg, reach, out, dout):
         # everything recomputed here waits for the incoming gradient: the scheduler would otherwise run the
         # recomputation of every layer at the start of the backward pass, keeping all of them at once
         d_out = _f32(dout[0])
@@ -159,7 +167,7 @@ class _BlockedAttention(nn.Cell):
         dq_blocks = []
         dk = ops.zeros(kr.shape, ms.float32)
         dv = ops.zeros(vr.shape, ms.float32)
-        chain, blocks = _plan_blocks(q.shape[0], q.shape[1], length, self.block, self.causal, self.reach)
+        chain, blocks = _plan_blocks(q.shape[0], q.shape[1], length, self.block, self.causal, self._reach(reach))
         for start, stop, lo, hi in blocks:
             after = dk if dq_blocks and chain else None
             if after is not None:  # every input of this block waits for the previous one (see `_scores`)
@@ -183,16 +191,18 @@ class _BlockedAttention(nn.Cell):
             dk = dk + dk_block
         dq = ops.cast(ops.cat(dq_blocks[::-1] if chain else dq_blocks, 2), q.dtype)
         dk, dv = ops.cast(_sum_heads(dk, n_rep), k.dtype), ops.cast(_sum_heads(dv, n_rep), v.dtype)
-        return dq, dk, dv, ops.zeros_like(seg)
+        return dq, dk, dv, ops.zeros_like(seg), None if reach is None else ops.zeros_like(reach)
 
 
 class SegmentAttention(nn.Cell):
     """Attention of (B, H, L, D) queries on (B, Hkv, L, D) keys/values within equal segment ids (B, L),
     causal or not; returns (B, L, H*D). A negative id -(s + 1) marks padding: seen by no query, itself
     querying segment s. `lengths` (Ascend only): `tnd_lengths` of the same ids, where padding forms its own
-    segments (their outputs are never used). `reach` (> 0): no real segment is longer, so the CPU twin computes
-    each block of queries against the keys within reach of it only (Qwen2.5-VL's windows); a padding segment
-    may be longer: its rows then see part of it, and their outputs are unused as always."""
+    segments (their outputs are never used). The reach: no real segment is longer, so the CPU twin computes
+    each block of queries against the keys within reach of it only. It is fixed by the model for Qwen2.5-VL's
+    windows (`reach` > 0), or given per call as the length of a `reach` input (the longest vision frame the
+    data can hold, `vision_reach`). A padding segment may be longer: its rows then see part of it, and their
+    outputs are unused as always."""
 
     def __init__(self, scale: float, causal: bool, reach: int = 0) -> None:
         super().__init__()
@@ -200,11 +210,11 @@ class SegmentAttention(nn.Cell):
         self.causal = causal
         self.core = _BlockedAttention(scale, causal, reach=reach)
 
-    def construct(self, q, k, v, seg, lengths=None):
+    def construct(self, q, k, v, seg, lengths=None, reach=None):
         b, h, length, d = q.shape
         if on_ascend() and lengths is not None and q.dtype != ms.float32:
             return self._flash(q, k, v, lengths).reshape(b, length, h * d)
-        out, _ = self.core(q, k, v, seg)
+        out, _ = self.core(q, k, v, seg, reach)
         return swap_middle_axes(out).reshape(b, length, h * d)
 
     def _flash(self, q, k, v, lengths):

@@ -349,6 +349,17 @@ def padded_patch_count(batch: dict, n_real: int) -> int:
     return target
 
 
+def vision_reach(batch: dict, frame_patches: np.ndarray) -> dict[str, np.ndarray]:
+    """`vision_reach`: zeros as long as the longest frame the run's data can hold (the collator's
+    `vision_frame_patches`, a bound of the pixel limits) or as this batch's longest frame if that is longer;
+    nothing without a bound. Only its length is read, as a static bound on the keys a full-attention vision
+    block computes on CPU, so the bound is part of the compiled shape and normally the same for the whole run."""
+    bound = int(batch.get("vision_frame_patches") or 0)
+    if not bound:
+        return {}
+    return {"vision_reach": np.zeros(max(bound, int(np.max(frame_patches))), np.int8)}
+
+
 def frame_cu_seqlens(grid_thw: np.ndarray) -> np.ndarray:
     """[0, h*w, 2*h*w, ...]: one attention block per temporal frame of every image/video (HF cu_seqlens)."""
     grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)

@@ -39,6 +39,7 @@ from qwenvl.model.layers import (
     parameter_dtype,
     use_half_precision_on_cpu,
     set_recompute,
+    vision_reach,
     vision_rope_cos_sin,
     vision_rope_ids,
     vision_scatter_index,
@@ -93,15 +94,15 @@ class VisionAttention(nn.Cell):
         self.head_dim = dim // heads
         self.attn = SegmentAttention(self.head_dim**-0.5, causal=False, reach=reach)
 
-    def construct(self, x, segments, cos, sin, lengths=None):
-        """x (N, dim); cos/sin (1, N, 1, head_dim); segments (1, N)."""
+    def construct(self, x, segments, cos, sin, lengths=None, reach=None):
+        """x (N, dim); cos/sin (1, N, 1, head_dim); segments (1, N); reach: see `SegmentAttention`."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(1, n, 3, self.heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = swap_middle_axes(apply_rotary(q, cos, sin))
         k = swap_middle_axes(apply_rotary(k, cos, sin))
         v = swap_middle_axes(v)
-        return self.proj(self.attn(q, k, v, segments, lengths)[0])
+        return self.proj(self.attn(q, k, v, segments, lengths, reach)[0])
 
 
 class VisionMlp(nn.Cell):
@@ -141,8 +142,8 @@ class VisionBlock(nn.Cell):
         self.attn = VisionAttention(dim, heads, reach)
         self.mlp = mlp
 
-    def construct(self, x, segments, cos, sin, lengths=None):
-        x = x + self.attn(self.norm1(x), segments, cos, sin, lengths)
+    def construct(self, x, segments, cos, sin, lengths=None, reach=None):
+        x = x + self.attn(self.norm1(x), segments, cos, sin, lengths, reach)
         return x + self.mlp(self.norm2(x))
 
 
@@ -173,7 +174,9 @@ class VisionTransformer(nn.Cell):
         self.windowed = windowed
 
     def construct(self, pixel_values, cos, sin, full_segments, window_segments=None, patch_order=None,
-                  merge_order=None, full_lengths=None, window_lengths=None):  # fmt: skip
+                  merge_order=None, full_lengths=None, window_lengths=None, full_reach=None):  # fmt: skip
+        """`full_reach`: the longest frame as an input's length, which bounds the keys the CPU twin computes in
+        the full-attention blocks (window blocks have their own bound)."""
         x = self.patch_embed(pixel_values)
         if patch_order is not None:
             x = ops.gather(x, patch_order, 0)
@@ -182,7 +185,7 @@ class VisionTransformer(nn.Cell):
             if self.windowed[index]:
                 x = block(x, window_segments, cos, sin, window_lengths)
             else:
-                x = block(x, full_segments, cos, sin, full_lengths)
+                x = block(x, full_segments, cos, sin, full_lengths, full_reach)
         x = self.merger(x)
         if merge_order is not None:
             x = ops.gather(x, merge_order, 0)
@@ -389,6 +392,7 @@ class _Qwen2FamilyForConditionalGeneration(ChunkedLossHead, nn.Cell):
             "vision_cos": cos,
             "vision_sin": sin,
             "vision_full_segments": segment_ids(n, np.append(frames, n))[None],
+            **vision_reach(batch, np.diff(frames)),
             **extra,
             "vision_index": index,
             "vision_slots": slots,
@@ -398,14 +402,15 @@ class _Qwen2FamilyForConditionalGeneration(ChunkedLossHead, nn.Cell):
 
     def _hidden(self, input_ids, position_ids, text_segments, pixel_values, vision_cos, vision_sin,
                 vision_full_segments, vision_window_segments, vision_patch_order, vision_merge_order,
-                vision_index, vision_slots, text_lengths, vision_full_lengths, vision_window_lengths):  # fmt: skip
+                vision_index, vision_slots, text_lengths, vision_full_lengths, vision_window_lengths,
+                vision_reach):  # fmt: skip
         lm = self.model.language_model
         x = ops.cast(lm.embed_tokens(input_ids), self.compute_dtype)
         if pixel_values is not None:
             pixels = ops.cast(pixel_values, self.compute_dtype)
             feats = self.model.visual(pixels, vision_cos, vision_sin, vision_full_segments, vision_window_segments,
                                       vision_patch_order, vision_merge_order, vision_full_lengths,
-                                      vision_window_lengths)  # fmt: skip
+                                      vision_window_lengths, vision_reach)  # fmt: skip
             slots = expand_as(ops.cast(vision_slots, self.compute_dtype), x)
             x = x * (1 - slots) + ops.gather(feats, vision_index, 0) * slots
         if text_segments is None:  # one causal sequence per row
@@ -415,23 +420,24 @@ class _Qwen2FamilyForConditionalGeneration(ChunkedLossHead, nn.Cell):
     def logits(self, input_ids, labels=None, position_ids=None, text_segments=None, pixel_values=None,
                vision_cos=None, vision_sin=None, vision_full_segments=None, vision_window_segments=None,
                vision_patch_order=None, vision_merge_order=None, vision_index=None, vision_slots=None,
-               text_lengths=None, vision_full_lengths=None, vision_window_lengths=None):  # fmt: skip
+               text_lengths=None, vision_full_lengths=None, vision_window_lengths=None, vision_reach=None):  # fmt: skip
         """(B, L, vocab) float32 logits."""
         hidden = self._hidden(input_ids, position_ids, text_segments, pixel_values, vision_cos, vision_sin,
                               vision_full_segments, vision_window_segments, vision_patch_order, vision_merge_order,
                               vision_index, vision_slots, text_lengths, vision_full_lengths,
-                              vision_window_lengths)  # fmt: skip
+                              vision_window_lengths, vision_reach)  # fmt: skip
         return ops.cast(self.lm_head(hidden), ms.float32)
 
     def construct(self, input_ids, labels, position_ids, text_segments=None, pixel_values=None,
                   vision_cos=None, vision_sin=None, vision_full_segments=None, vision_window_segments=None,
                   vision_patch_order=None, vision_merge_order=None, vision_index=None, vision_slots=None,
-                  text_lengths=None, vision_full_lengths=None, vision_window_lengths=None):  # fmt: skip
+                  text_lengths=None, vision_full_lengths=None, vision_window_lengths=None,
+                  vision_reach=None):  # fmt: skip
         """(loss_sum, n_tokens): summed shifted cross-entropy over supervised targets and their count."""
         hidden = self._hidden(input_ids, position_ids, text_segments, pixel_values, vision_cos, vision_sin,
                               vision_full_segments, vision_window_segments, vision_patch_order, vision_merge_order,
                               vision_index, vision_slots, text_lengths, vision_full_lengths,
-                              vision_window_lengths)  # fmt: skip
+                              vision_window_lengths, vision_reach)  # fmt: skip
         return self._loss(hidden, labels)
 
 

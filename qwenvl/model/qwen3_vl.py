@@ -41,6 +41,7 @@ from qwenvl.model.layers import (
     expand_as,
     frame_cu_seqlens,
     padded_patch_count,
+    vision_reach,
     gelu_exact,
     matmul,
     on_ascend,
@@ -113,14 +114,14 @@ class Qwen3VLVisionAttention(nn.Cell):
         self.proj = Linear(dim, dim)
         self.attn = SegmentAttention(self.head_dim**-0.5, causal=False)
 
-    def construct(self, x, segments, cos, sin, lengths=None):
+    def construct(self, x, segments, cos, sin, lengths=None, reach=None):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (N, heads, head_dim)
         q = swap_middle_axes(apply_rotary(q, cos, sin)[None])
         k = swap_middle_axes(apply_rotary(k, cos, sin)[None])
         v = swap_middle_axes(v[None])
-        return self.proj(self.attn(q, k, v, segments, lengths)[0])
+        return self.proj(self.attn(q, k, v, segments, lengths, reach)[0])
 
 
 class Qwen3VLVisionMLP(nn.Cell):
@@ -142,8 +143,8 @@ class Qwen3VLVisionBlock(nn.Cell):
         self.attn = Qwen3VLVisionAttention(vc)
         self.mlp = Qwen3VLVisionMLP(vc)
 
-    def construct(self, x, segments, cos, sin, lengths=None):
-        x = x + self.attn(self.norm1(x), segments, cos, sin, lengths)
+    def construct(self, x, segments, cos, sin, lengths=None, reach=None):
+        x = x + self.attn(self.norm1(x), segments, cos, sin, lengths, reach)
         return x + self.mlp(self.norm2(x))
 
 
@@ -181,13 +182,13 @@ class Qwen3VLVisionModel(nn.Cell):
             [Qwen3VLVisionPatchMerger(vc, postshuffle_norm=True) for _ in self.deepstack_indexes]
         )
 
-    def construct(self, pixel_values, segments, cos, sin, pos_index, pos_weight, lengths=None):
+    def construct(self, pixel_values, segments, cos, sin, pos_index, pos_weight, lengths=None, reach=None):
         x = self.patch_embed(pixel_values)
         corners = ops.cast(self.pos_embed(pos_index.reshape(-1)), x.dtype).reshape(4, -1, x.shape[-1])
         x = x + (corners * expand_as(ops.cast(pos_weight, x.dtype)[..., None], corners)).sum(0)
         deepstack = ()
         for index, block in enumerate(self.blocks):
-            x = block(x, segments, cos, sin, lengths)
+            x = block(x, segments, cos, sin, lengths, reach)
             for slot, deep_index in enumerate(self.deepstack_indexes):
                 if index == deep_index:
                     deepstack = deepstack + (self.deepstack_merger_list[slot](x),)
@@ -431,9 +432,11 @@ class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
         pos_index, pos_weight = pos_embed_interpolation(grid, self.num_positions, self.merge)
         pos_index = np.pad(pos_index, ((0, 0), (0, pad)))
         pos_weight = np.pad(pos_weight, ((0, 0), (0, pad)))
+        frames = frame_cu_seqlens(grid)
         inputs.update(
             pixel_values=np.pad(pixel_values, ((0, pad), (0, 0))),
-            vision_segments=segment_ids(n, np.append(frame_cu_seqlens(grid), n))[None],
+            vision_segments=segment_ids(n, np.append(frames, n))[None],
+            **vision_reach(batch, np.diff(frames)),
             vision_cos=cos[:, None],
             vision_sin=sin[:, None],
             pos_index=pos_index,
@@ -444,13 +447,15 @@ class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
         return {name: Tensor(value) for name, value in with_tnd_lengths(inputs).items()}
 
     def _hidden(self, input_ids, position_ids, text_segments, pixel_values, vision_segments, vision_cos, vision_sin,
-                pos_index, pos_weight, vision_index, vision_slots, text_lengths, vision_lengths):  # fmt: skip
+                pos_index, pos_weight, vision_index, vision_slots, text_lengths, vision_lengths,
+                vision_reach):  # fmt: skip
         lm = self.model.language_model
         x = ops.cast(lm.embed_tokens(input_ids), self.compute_dtype)
         deepstack = ()
         if pixel_values is not None:
             feats, deep = self.model.visual(ops.cast(pixel_values, self.compute_dtype), vision_segments, vision_cos,
-                                            vision_sin, pos_index, pos_weight, vision_lengths)  # fmt: skip
+                                            vision_sin, pos_index, pos_weight, vision_lengths,
+                                            vision_reach)  # fmt: skip
             slots = expand_as(ops.cast(vision_slots, ms.bool_), x)
             x = ops.select(slots, ops.gather(feats, vision_index, 0), x)
             weight = expand_as(ops.cast(vision_slots, x.dtype), x)
@@ -468,20 +473,20 @@ class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
 
     def logits(self, input_ids, labels, position_ids, text_segments=None, pixel_values=None, vision_segments=None,
                vision_cos=None, vision_sin=None, pos_index=None, pos_weight=None, vision_index=None,
-               vision_slots=None, text_lengths=None, vision_lengths=None):  # fmt: skip
+               vision_slots=None, text_lengths=None, vision_lengths=None, vision_reach=None):  # fmt: skip
         """(B, L, vocab) float32 logits."""
         hidden = self._hidden(input_ids, position_ids, text_segments, pixel_values, vision_segments, vision_cos,
                               vision_sin, pos_index, pos_weight, vision_index, vision_slots, text_lengths,
-                              vision_lengths)  # fmt: skip
+                              vision_lengths, vision_reach)  # fmt: skip
         return ops.cast(self.lm_head(hidden), ms.float32)
 
     def construct(self, input_ids, labels, position_ids, text_segments=None, pixel_values=None, vision_segments=None,
                   vision_cos=None, vision_sin=None, pos_index=None, pos_weight=None, vision_index=None,
-                  vision_slots=None, text_lengths=None, vision_lengths=None):  # fmt: skip
+                  vision_slots=None, text_lengths=None, vision_lengths=None, vision_reach=None):  # fmt: skip
         """(loss_sum, n_tokens): summed shifted cross-entropy over supervised targets and their count."""
         hidden = self._hidden(input_ids, position_ids, text_segments, pixel_values, vision_segments, vision_cos,
                               vision_sin, pos_index, pos_weight, vision_index, vision_slots, text_lengths,
-                              vision_lengths)  # fmt: skip
+                              vision_lengths, vision_reach)  # fmt: skip
         return self._loss(hidden, labels)
 
 

@@ -131,7 +131,8 @@ def _train(model_args, data_args, training_args, device: str, dtype: str, notes:
         else None
     )
     rows = training_args.per_device_train_batch_size
-    buckets = ShapeBuckets.from_flag(data_args.length_buckets, rows, training_args.model_max_length)
+    buckets = ShapeBuckets.from_flag(data_args.length_buckets, rows, training_args.model_max_length,
+                                     encoder.settings.frame_patch_bound)  # fmt: skip
     collate = build_collator(encoder, data_args, buckets, rows)
     zero, zero_note = zero_config(training_args)
     if zero_note and dp.is_main:
