@@ -41,11 +41,14 @@ MODES = {  # bench/memory.py MODES
 def test_tensors_equal_the_built_model(family):
     from qwenvl.model import build_model, named_parameters
     from qwenvl.model.lora import LoraSettings, apply_lora
+    from qwenvl.model.weight_ops import sourced_weights
 
     config = tiny_config(family, IDS)
     model = build_model(config)
     base = model_tensors(config)
     assert {t.name: t.shape for t in base} == {n: tuple(p.shape) for n, p in named_parameters(model).items()}
+    sourced = {id(getattr(cell, name)) for cell, name in sourced_weights(model)}
+    assert {t.name for t in base if t.matrix} == {n for n, p in named_parameters(model).items() if id(p) in sourced}
     apply_lora(model, LoraSettings(4, 8.0, 0.0, ("q_proj", "v_proj")))
     adapters = {n: tuple(p.shape) for n, p in model.parameters_and_names() if ".lora_" in n}
     assert {t.name: t.shape for t in lora_tensors(base, 4, ("q_proj", "v_proj"))} == adapters

@@ -30,11 +30,13 @@ from mindspore import Tensor, ops  # noqa: E402
 from qwenvl.data.rope2d import get_rope_index_3  # noqa: E402
 from qwenvl.model import build_model, load_model, save_model  # noqa: E402
 from qwenvl.model.checkpoint_io import checkpoint_files, iter_safetensors  # noqa: E402
+from qwenvl.model.expert_ops import MaskedGroupedKernels  # noqa: E402
 from qwenvl.model.qwen3_vl import (  # noqa: E402
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeForConditionalGeneration,
     pos_embed_interpolation,
 )
+from qwenvl.model.weight_ops import HalfOnCPU  # noqa: E402
 from tests.attention_blocks import query_blocks  # noqa: E402
 from tools.make_tiny_model import tiny_config  # noqa: E402
 
@@ -397,17 +399,13 @@ def test_tied_lm_head_shares_the_embedding_and_round_trips(tmp_path):
     np.testing.assert_array_equal(loaded.logits(**inputs).asnumpy(), model.logits(**inputs).asnumpy())
 
 
-def _grouped_matmul_by_masks(x, weight, counts):
-    """Stand-in for Ascend's GroupedMatmul: every group's product, each row keeping its own group's."""
-    ends = ops.cumsum(counts, 0)
-    group = (ops.arange(x.shape[0])[:, None] >= ends[None, :]).sum(1)
-    select = ops.one_hot(group, weight.shape[0], 1.0, 0.0).swapaxes(0, 1)[..., None]
-    return (ops.matmul(x[None], weight) * select).sum(0)
-
-
-def test_moe_dispatch_by_expert_equals_dense_experts():
-    """The Ascend path (tokens sorted by expert, grouped matmuls, weighted sum back) equals the dense path in
-    values and gradients, with a masked stand-in for the grouped-matmul kernel; compiled, as in training."""
+@pytest.mark.parametrize("sourced", [False, True], ids=["as_stored", "through_sources"])
+def test_moe_dispatch_by_expert_equals_dense_experts(sourced):
+    """The Ascend path (tokens sorted by expert, grouped matmuls, weighted sum back; the masked CPU twin of the
+    grouped kernels) and the dense path equal the dense path differentiated by MindSpore, in values and
+    gradients, compiled as in training. `through_sources`: the expert tensors are read through weight
+    sources (as ZeRO-3 chunks are), so the hand-written backward passes of `expert_ops` run, also with the
+    experts frozen (input gradients only)."""
     model = build_model(_config("qwen3vl_moe"), seed=3)
     block = model.model.language_model.layers[0].mlp
     experts = block.experts
@@ -422,13 +420,25 @@ def test_moe_dispatch_by_expert_equals_dense_experts():
         return (experts.dense(x, top, index) ** 2).sum()
 
     def dispatched(x, top):
-        return (experts.dispatched(x, top, index, _grouped_matmul_by_masks) ** 2).sum()
+        return (experts.dispatched(x, top, index) ** 2).sum()
 
     expected = ms.value_and_grad(dense, (0, 1), params)(x, top)
-    got = ms.jit(ms.value_and_grad(dispatched, (0, 1), params))(x, top)
-    np.testing.assert_allclose(got[0].asnumpy(), expected[0].asnumpy(), rtol=1e-6)
-    for ours, ref in zip(got[1][0] + got[1][1], expected[1][0] + expected[1][1]):
-        np.testing.assert_allclose(ours.asnumpy(), ref.asnumpy(), rtol=1e-5, atol=1e-7)
+    experts.use_grouped_kernels(MaskedGroupedKernels())
+    if sourced:
+        for name in experts.SOURCED:
+            experts.use_source(HalfOnCPU(experts.source_shape(name), ms.float32), name)
+    for path in (dispatched, dense) if sourced else (dispatched,):
+        got = ms.jit(ms.value_and_grad(path, (0, 1), params))(x, top)
+        np.testing.assert_allclose(got[0].asnumpy(), expected[0].asnumpy(), rtol=1e-6)
+        for ours, ref in zip(got[1][0] + got[1][1], expected[1][0] + expected[1][1]):
+            np.testing.assert_allclose(ours.asnumpy(), ref.asnumpy(), rtol=1e-5, atol=1e-7)
+    if sourced:
+        for name in experts.SOURCED:
+            experts.source_of(name).trainable = False
+        for path in (dispatched, dense):
+            got = ms.jit(ms.grad(path, (0, 1)))(x, top)
+            for ours, ref in zip(got, expected[1][0]):
+                np.testing.assert_allclose(ours.asnumpy(), ref.asnumpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_pos_embed_interpolation_by_hand():

@@ -10,6 +10,7 @@ batches (four micro-batches), which the test compares against.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,9 +47,14 @@ def _args(fp16: bool) -> SimpleNamespace:
                            fp16=fp16)  # fmt: skip
 
 
+def family(config: dict) -> str:
+    return "qwen3vl" if config["model_type"].startswith("qwen3") else "qwen2.5vl"
+
+
 def sample(config: dict, step: int, index: int) -> dict:
     """One sample: an 8x8-patch image between random text, labels on the text after the image."""
     rng = np.random.default_rng(1000 * step + index)
+    patch = config["vision_config"]["patch_size"]
     image, start, end = config["image_token_id"], config["vision_start_token_id"], config["vision_end_token_id"]
     text = min(image, start, end, config["video_token_id"])  # ordinary tokens only below the special ones
     before = rng.integers(10, text, 3)
@@ -56,9 +62,10 @@ def sample(config: dict, step: int, index: int) -> dict:
     ids = np.concatenate([before, [start], [image] * 16, [end], after])[None].astype(np.int64)
     labels = np.where(np.arange(ids.shape[1]) > 20, ids, -100)
     grid = np.array([[1, 8, 8]], np.int64)
-    positions, _ = rope_index_fn("qwen2.5vl")(2, ids, grid, None, image_token_id=image, video_token_id=config["video_token_id"],
-                                               vision_start_token_id=start)  # fmt: skip
-    pixels = rng.standard_normal((64, 3 * 2 * 14 * 14)).astype(np.float32)
+    positions, _ = rope_index_fn(family(config))(2, ids, grid, None, image_token_id=image,
+                                                 video_token_id=config["video_token_id"],
+                                                 vision_start_token_id=start)  # fmt: skip
+    pixels = rng.standard_normal((64, 3 * 2 * patch * patch)).astype(np.float32)
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "pixel_values": pixels, "image_grid_thw": grid}
 
 
@@ -79,9 +86,12 @@ def _model(model_dir: str, dp: DataParallel, stage: int, dtype: str):
 
 
 def train(model_dir: str, dp: DataParallel, stage: int, dtype: str, steps: range = range(STEPS),
-          resume: Path | None = None, save: Path | None = None) -> dict[str, np.ndarray]:
+          resume: Path | None = None, save: Path | None = None,
+          sharded_list: Path | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Train `steps` (from the checkpoint folder `resume`, if given; into `save` at the end, if given)."""
     model, step = _model(model_dir, dp, stage, dtype)
+    if sharded_list is not None and dp.is_main and getattr(model, "zero3", None):
+        sharded_list.write_text(json.dumps(sorted(model.zero3.specs)), encoding="utf-8")
     if resume is not None:
         load_weights(model, resume)
         step.load_state_dict(OptimizerState(optimizer_files(resume)))
@@ -107,7 +117,9 @@ def train(model_dir: str, dp: DataParallel, stage: int, dtype: str, steps: range
     return out
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, only: str = "") -> None:
+    """Every run of RUNS and the resume across stages, or only the runs named in `only` (comma list); a
+    ZeRO-3 run also writes which tensors it sharded (`<run>-sharded.json`)."""
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
     dp = init_distributed()
@@ -115,7 +127,12 @@ def main(model_dir: str, out_dir: str) -> None:
         raise SystemExit(f"expected a world of 2 under msrun, got {dp.world_size}")
     out = Path(out_dir)
     for name, (stage, dtype) in RUNS.items():
-        np.savez(out / f"{name}-rank{dp.rank}.npz", **train(model_dir, dp, stage, dtype))
+        if only and name not in only.split(","):
+            continue
+        result = train(model_dir, dp, stage, dtype, sharded_list=out / f"{name}-sharded.json")
+        np.savez(out / f"{name}-rank{dp.rank}.npz", **result)
+    if only:
+        return
     # resume at another stage: 3 steps at ZeRO-3, its checkpoint (gathered weights, chunked optimizer state),
     # then the remaining steps at ZeRO-2 from it
     checkpoint = out / "stage3-checkpoint"
@@ -128,4 +145,4 @@ def main(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

@@ -105,6 +105,7 @@ class MatrixLayer(nn.Cell):
     """
 
     NORMAL_INIT = ("weight",)
+    SOURCED = ("weight",)
 
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
@@ -112,9 +113,15 @@ class MatrixLayer(nn.Cell):
         self.source = None
         self.op = None
 
-    def use_source(self, source: WeightSource) -> None:
+    def use_source(self, source: WeightSource, name: str = "weight") -> None:
         self.source = source
         self.op = MatmulNT(source)
+
+    def source_of(self, name: str = "weight") -> WeightSource | None:
+        return self.source
+
+    def source_shape(self, name: str = "weight") -> tuple[int, ...]:
+        return self.weight_shape
 
     def construct(self, x):
         d_out, d_in = self.weight_shape
@@ -142,6 +149,7 @@ class Embedding(nn.Cell):
     `WeightSource` (ZeRO-3 shards), then in the source's compute dtype."""
 
     NORMAL_INIT = ("weight",)
+    SOURCED = ("weight",)
 
     def __init__(self, vocab: int, dim: int) -> None:
         super().__init__()
@@ -150,9 +158,15 @@ class Embedding(nn.Cell):
         self.source = None
         self.op = None
 
-    def use_source(self, source: WeightSource) -> None:
+    def use_source(self, source: WeightSource, name: str = "weight") -> None:
         self.source = source
         self.op = Lookup(source)
+
+    def source_of(self, name: str = "weight") -> WeightSource | None:
+        return self.source
+
+    def source_shape(self, name: str = "weight") -> tuple[int, ...]:
+        return self.weight_shape
 
     def construct(self, ids):
         if self.op is None:

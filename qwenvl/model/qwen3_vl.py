@@ -18,7 +18,6 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
-from mindspore.ops.function.math_func import gmm
 
 from qwenvl.model.attention import (
     SegmentAttention,
@@ -27,7 +26,9 @@ from qwenvl.model.attention import (
     text_segment_ids,
     with_tnd_lengths,
 )
+from qwenvl.model.expert_ops import AscendGroupedKernels, ExpertsMatmul, GroupedMatmul
 from qwenvl.model.lm_loss import ChunkedLossHead
+from qwenvl.model.weight_ops import WeightSource
 from qwenvl.model.layers import (
     Embedding,
     LayerNorm,
@@ -260,53 +261,88 @@ class Qwen3VLTextMLP(nn.Cell):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def ascend_grouped_matmul(x, weight, counts):
-    """Rows of `x` (S, K) grouped consecutively, counts[g] rows for group g, times weight[g] (G, K, N) -> (S, N):
-    Ascend's fused GroupedMatmul (differentiable for group_type 0 without bias)."""
-    return gmm([x], [weight], group_list=ops.cast(counts, ms.int64), group_type=0, group_list_type=1)[0]
-
-
 class Qwen3VLMoeTextExperts(nn.Cell):
     """Fused expert weights in HF 4.57 layout: gate_up_proj (E, hidden, 2*inter), down_proj (E, inter, hidden).
 
-    Ascend dispatches each token to its top-k experts only (sorted by expert, grouped matmul); elsewhere
-    every expert runs on every token weighted by the (mostly zero) routing weights. Both equal HF.
+    Ascend dispatches each token to its top-k experts only (sorted by expert, grouped matmuls, `grouped`
+    kernels); elsewhere every expert runs on every token weighted by the (mostly zero) routing weights. Both
+    equal HF. Either weight may be read through a source (`use_source`: ZeRO-3 chunks, half precision on CPU);
+    `expert_ops` holds the matmuls that then rebuild it in the backward pass.
     """
 
     NORMAL_INIT = ("gate_up_proj", "down_proj")
+    SOURCED = ("gate_up_proj", "down_proj")
 
     def __init__(self, tc: dict[str, Any]) -> None:
         super().__init__()
         experts, hidden, inter = tc["num_experts"], tc["hidden_size"], tc["moe_intermediate_size"]
         self.gate_up_proj = zeros_parameter(experts, hidden, 2 * inter)
         self.down_proj = zeros_parameter(experts, inter, hidden)
+        self.shapes = {"gate_up_proj": (experts, hidden, 2 * inter), "down_proj": (experts, inter, hidden)}
         self.num_experts = experts
         self.inter = inter
         self.act = activation(tc["hidden_act"])
+        self.grouped = AscendGroupedKernels()
+        self.sources: dict[str, WeightSource] = {}
+        self.gate_up_dense = self.down_dense = self.gate_up_grouped = self.down_grouped = None
+
+    def use_source(self, source: WeightSource, name: str) -> None:
+        self.sources[name] = source
+        self._build_ops()
+
+    def source_of(self, name: str) -> WeightSource | None:
+        return self.sources.get(name)
+
+    def source_shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def use_grouped_kernels(self, kernels: nn.Cell) -> None:
+        """Another implementation of the grouped kernels (the tests' CPU twin)."""
+        self.grouped = kernels
+        self._build_ops()
+
+    def _build_ops(self) -> None:
+        for name, prefix in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
+            if name in self.sources:
+                setattr(self, f"{prefix}_dense", ExpertsMatmul(self.sources[name]))
+                setattr(self, f"{prefix}_grouped", GroupedMatmul(self.sources[name], self.grouped))
 
     def construct(self, x, top_weight, top_index):
         """x (T, hidden); top_weight, top_index (T, k) the routing -> (T, hidden)."""
         if on_ascend():
-            return self.dispatched(x, top_weight, top_index, ascend_grouped_matmul)
+            return self.dispatched(x, top_weight, top_index)
         return self.dense(x, top_weight, top_index)
 
     def dense(self, x, top_weight, top_index):
         routing = (ops.one_hot(top_index, self.num_experts, 1.0, 0.0) * top_weight[..., None]).sum(1)  # (T, E)
-        gate_up = matmul(x[None], ops.cast(self.gate_up_proj, x.dtype))  # (E, T, 2*inter)
+        if self.gate_up_dense is None:
+            gate_up = matmul(x[None], ops.cast(self.gate_up_proj, x.dtype))  # (E, T, 2*inter)
+        else:
+            gate_up = self.gate_up_dense(ops.broadcast_to(x[None], (self.num_experts,) + x.shape), self.gate_up_proj)
         hidden = self.act(gate_up[..., : self.inter]) * gate_up[..., self.inter :]
-        out = matmul(hidden, ops.cast(self.down_proj, x.dtype))  # (E, T, hidden)
+        if self.down_dense is None:
+            out = matmul(hidden, ops.cast(self.down_proj, x.dtype))  # (E, T, hidden)
+        else:
+            out = self.down_dense(hidden, self.down_proj)
         return (out * ops.cast(routing, x.dtype).swapaxes(0, 1)[..., None]).sum(0)
 
-    def dispatched(self, x, top_weight, top_index, grouped_matmul):
+    def dispatched(self, x, top_weight, top_index):
         """The T*k (token, expert) pairs sorted by expert, two grouped matmuls, weighted sum back per token."""
         tokens, k = top_index.shape
         experts = top_index.reshape(-1)
         order = ops.argsort(ops.cast(experts, ms.float32))  # float keys: Ascend's sort kernels take floats
         token_of_row = order // k
         counts = ops.cast(ops.one_hot(experts, self.num_experts, 1.0, 0.0).sum(0), ms.int64)
-        gate_up = grouped_matmul(ops.gather(x, token_of_row, 0), ops.cast(self.gate_up_proj, x.dtype), counts)
+        rows = ops.gather(x, token_of_row, 0)
+        if self.gate_up_grouped is None:
+            gate_up = self.grouped.forward(rows, ops.cast(self.gate_up_proj, x.dtype), counts)
+        else:
+            gate_up = self.gate_up_grouped(rows, counts, self.gate_up_proj)
         hidden = self.act(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
-        out = grouped_matmul(hidden, ops.cast(self.down_proj, x.dtype), counts)
+        if self.down_grouped is None:
+            out = self.grouped.forward(hidden, ops.cast(self.down_proj, x.dtype), counts)
+        else:
+            out = self.down_grouped(hidden, counts, self.down_proj)
         weighted = ops.cast(out, ms.float32) * ops.gather(top_weight.reshape(-1), order, 0)[:, None]
         return ops.cast(ops.unsorted_segment_sum(weighted, token_of_row, tokens), x.dtype)
 

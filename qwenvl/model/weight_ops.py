@@ -69,8 +69,9 @@ def matmul_dtype(dtype: ms.Type) -> ms.Type:
     return dtype
 
 
-class MatmulNT(nn.Cell):
-    """y = x W^T for 2-D x, with W = source.full(stored) rebuilt in the backward pass."""
+class SourcedMatmul(nn.Cell):
+    """A product of x and W = source.full(stored), W rebuilt in the backward pass; subclasses say which
+    product (`product`) and its two gradients (`input_grad`, `weight_grad`)."""
 
     def __init__(self, source: WeightSource) -> None:
         super().__init__()
@@ -78,18 +79,31 @@ class MatmulNT(nn.Cell):
 
     def construct(self, x, stored):
         w = self.source.full(stored, x, matmul_dtype(x.dtype))
-        return ops.cast(MATMUL_NT(ops.cast(x, w.dtype), w), x.dtype)
+        return ops.cast(self.product(ops.cast(x, w.dtype), w), x.dtype)
 
     def bprop(self, x, stored, out, dout):
         w = self.source.full(stored, dout, matmul_dtype(x.dtype))
         g = ops.cast(dout, w.dtype)
-        dx = ops.cast(_MM_NN(g, w), x.dtype)
+        dx = ops.cast(self.input_grad(g, w), x.dtype)
         if not self.source.trainable:
             return dx, ops.zeros((), stored.dtype)
-        dw = self.source.grad(_MM_TN(g, ops.cast(x, w.dtype)), stored)
+        dw = self.source.grad(self.weight_grad(g, ops.cast(x, w.dtype)), stored)
         # the input gradient waits for the weight gradient's final form, so its float32 / full-size version is
         # freed here rather than kept, for every layer, until the graph returns its outputs
         return ops.depend(dx, dw), dw
+
+
+class MatmulNT(SourcedMatmul):
+    """y = x W^T for 2-D x (W stored (out, in), as torch's Linear)."""
+
+    def product(self, x, w):
+        return MATMUL_NT(x, w)
+
+    def input_grad(self, g, w):
+        return _MM_NN(g, w)
+
+    def weight_grad(self, g, x):
+        return _MM_TN(g, x)
 
 
 class Lookup(nn.Cell):
@@ -113,26 +127,37 @@ class Lookup(nn.Cell):
         return ops.zeros_like(ids), self.source.grad(dw, stored)
 
 
-def attach_sources(model: nn.Cell, make_source) -> int:
-    """Give every weight-bearing layer of `model` the source `make_source(param, shape)` returns (or None).
+def sourced_weights(model: nn.Cell) -> list[tuple[nn.Cell, str]]:
+    """(layer, attribute) of every weight a layer of `model` can read through a source, each layer once.
 
-    Layers opt in by defining `use_source(source)` and `weight_shape`; returns how many got a source.
-    """
-    count = 0
+    Layers opt in by defining `use_source(source, name)`, `source_of(name)` and `source_shape(name)`; the
+    attributes are its `SOURCED` names (one `weight` for Linear, Embedding and the patch projection; the two
+    fused expert tensors of a MoE layer)."""
+    out, seen = [], set()
     for _, cell in model.cells_and_names():
-        if hasattr(cell, "use_source"):
-            source = make_source(cell.weight, cell.weight_shape)
-            if source is not None:
-                cell.use_source(source)
-                count += 1
+        if hasattr(cell, "use_source") and id(cell) not in seen:
+            seen.add(id(cell))
+            out += [(cell, name) for name in cell.SOURCED]
+    return out
+
+
+def attach_sources(model: nn.Cell, make_source) -> int:
+    """Give every sourced weight of `model` the source `make_source(param, shape)` returns (or None); returns how
+    many got one."""
+    count = 0
+    for cell, name in sourced_weights(model):
+        source = make_source(getattr(cell, name), cell.source_shape(name))
+        if source is not None:
+            cell.use_source(source, name)
+            count += 1
     return count
 
 
 def sync_trainable(model: nn.Cell) -> None:
     """Copy each sourced weight's `requires_grad` into its source before a training step compiles, and build the
     model's chunked loss for them (`lm_loss.ChunkedLossHead.prepare_loss`)."""
-    for _, cell in model.cells_and_names():
-        if hasattr(cell, "use_source") and cell.source is not None:
-            cell.source.trainable = bool(cell.weight.requires_grad)
+    for cell, name in sourced_weights(model):
+        if cell.source_of(name) is not None:
+            cell.source_of(name).trainable = bool(getattr(cell, name).requires_grad)
     if hasattr(model, "prepare_loss"):
         model.prepare_loss()

@@ -8,7 +8,8 @@ Model states follow what `qwenvl.parallel` and `qwenvl.train.optimizer` allocate
   after each micro-batch, but the backward graph returns them whole first).
 - stage 3 (N > 1): every weight a layer reads through a weight source and of at least the persistence
   threshold (default 1e5 values) is a chunk: trainable ones float32 (also the master) 4/N, gradient e/N,
-  moments 8/N; frozen ones e/N. The rest (norms, biases, small or fused expert tensors) follows stage 2.
+  moments 8/N; frozen ones e/N (the fused MoE expert tensors too). The rest (norms, biases, small
+  tensors) follows stage 2.
   One layer's weights are gathered whole at a time, with their whole gradient in the backward pass.
 - frozen weights (LoRA base, frozen towers) once, in the compute dtype.
 - gradient accumulation (> 1 micro-batch) keeps the accumulated gradients beside the new ones.

@@ -19,7 +19,8 @@ MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 @dataclass(frozen=True)
 class ParamInfo:
     """One parameter: `matrix` when a layer reads it through a weight source (Linear, Embedding, patch
-    projection: what ZeRO-3 shards above its threshold); `group` is the layer it belongs to (gathered together)."""
+    projection, fused MoE experts: what ZeRO-3 shards above its threshold); `group` is the layer it belongs to
+    (gathered together)."""
 
     name: str
     shape: tuple[int, ...]
@@ -149,8 +150,8 @@ def _language(config: dict) -> list[ParamInfo]:
         if _is_sparse(t, i):
             experts, inter = t["num_experts"], t["moe_intermediate_size"]
             out += _linear(f"{layer}.mlp.gate", h, experts, False)
-            out += [ParamInfo(f"{layer}.mlp.experts.gate_up_proj", (experts, h, 2 * inter)),
-                    ParamInfo(f"{layer}.mlp.experts.down_proj", (experts, inter, h))]  # fmt: skip
+            out += [ParamInfo(f"{layer}.mlp.experts.gate_up_proj", (experts, h, 2 * inter), matrix=True),
+                    ParamInfo(f"{layer}.mlp.experts.down_proj", (experts, inter, h), matrix=True)]  # fmt: skip
         else:
             inter = t["intermediate_size"]
             for name, d_in, d_out in (("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)):

@@ -1,7 +1,7 @@
 """ZeRO-3: each large weight lives on every rank as one chunk, gathered layer by layer inside the compiled step.
 
-`shard_weights` replaces the weight of every layer that reads its weight through a `WeightSource`
-(Linear, PatchProjection, Embedding and the LoRA-wrapped Linear) with this rank's chunk (`ShardSpec`),
+`shard_weights` replaces every weight a layer reads through a `WeightSource` (Linear, PatchProjection,
+Embedding, the LoRA-wrapped Linear, the fused MoE expert tensors) with this rank's chunk (`ShardSpec`),
 and gives the layer a `ShardedWeight`: the forward pass all-gathers the full weight right before the
 matmul or lookup that uses it, the backward pass gathers it again instead of keeping it, and the weight
 gradient is reduce-scattered straight back to the chunk (`weight_ops` explains why). Peak weight memory
@@ -22,7 +22,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from qwenvl.model.weight_ops import WeightSource
+from qwenvl.model.weight_ops import WeightSource, sourced_weights
 from qwenvl.parallel.collectives import reduce_scatter_in_graph
 from qwenvl.parallel.layout import ShardSpec
 
@@ -73,10 +73,10 @@ def shard_weights(model: nn.Cell, world: int, rank: int, threshold: int, from_va
     so no rank ever holds a whole copy).
     """
     done: dict[int, tuple[Parameter, ShardSpec]] = {}
-    for _, cell in model.cells_and_names():
-        if not hasattr(cell, "use_source") or int(cell.weight.size) < threshold:
+    for cell, name in sourced_weights(model):
+        param = getattr(cell, name)
+        if int(param.size) < threshold:
             continue
-        param = cell.weight
         if id(param) not in done:
             spec = ShardSpec(tuple(param.shape), world, rank)
             dtype = ms.float32 if param.requires_grad else param.dtype
@@ -86,8 +86,8 @@ def shard_weights(model: nn.Cell, world: int, rank: int, threshold: int, from_va
                 chunk.set_data(Tensor(spec.take(param.asnumpy().astype(np.float32)), dtype))
             done[id(param)] = (chunk, spec)
         chunk, spec = done[id(param)]
-        cell.weight = chunk
-        cell.use_source(ShardedWeight(cell.weight_shape, spec, model.compute_dtype))
+        setattr(cell, name, chunk)
+        cell.use_source(ShardedWeight(cell.source_shape(name), spec, model.compute_dtype), name)
     for name, param in model.parameters_and_names():
         param.name = name
     model.zero3 = ShardedWeights({chunk.name: spec for chunk, spec in done.values()}, model.compute_dtype)
