@@ -27,6 +27,7 @@ from mindspore.common.initializer import initializer
 
 from qwenvl.constants import IGNORE_INDEX
 from qwenvl.model.device import on_ascend, on_cpu
+from qwenvl.model.tensor_ops import unsqueeze
 from qwenvl.model.weight_ops import MATMUL_NT, HalfOnCPU, Lookup, MatmulNT, WeightSource, attach_sources
 
 DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
@@ -303,7 +304,7 @@ class MRotaryEmbedding(nn.Cell):
         self.selector = Tensor(mrope_selector(mrope_section, head_dim // 2, interleaved)[:, None, None, :])
 
     def construct(self, position_ids):
-        pos = ops.cast(position_ids, ms.float32)[..., None]
+        pos = unsqueeze(ops.cast(position_ids, ms.float32), -1)
         shape = pos.shape[:-1] + self.inv_freq.shape  # (3, B, L, half)
         freqs = ops.broadcast_to(pos, shape) * ops.broadcast_to(self.inv_freq, shape)
         freqs = (freqs * ops.broadcast_to(self.selector, shape)).sum(0)
@@ -317,11 +318,14 @@ class MRotaryEmbedding(nn.Cell):
 def causal_lm_loss_sum(logits, labels):
     """(sum of shifted cross-entropy over supervised targets, their count), float32 scalars.
 
-    logits[:, t] predicts labels[:, t + 1]; targets equal to IGNORE_INDEX are skipped.
+    logits[:, t] predicts labels[:, t + 1]; targets equal to IGNORE_INDEX are skipped. Logits of all but the
+    last position (one shorter than the labels) are taken as they are: cheaper than slicing whole logits.
     """
     target = labels[:, 1:]
     valid = ops.cast(target != IGNORE_INDEX, ms.float32)
-    logp = ops.log_softmax(ops.cast(logits[:, :-1], ms.float32), -1)
+    if logits.shape[1] == labels.shape[1]:
+        logits = logits[:, :-1]
+    logp = ops.log_softmax(ops.cast(logits, ms.float32), -1)
     picked = ops.gather_elements(logp, -1, ops.maximum(target, 0).expand_dims(-1)).squeeze(-1)
     return -(picked * valid).sum(), valid.sum()
 

@@ -175,5 +175,5 @@ class ChunkedLossHead:
     def _loss(self, hidden, labels):
         rows = hidden.shape[0] * (hidden.shape[1] - 1)
         if self.lm_loss is None or whole_logits_fit(rows, self.lm_head.weight_shape[0], self.lm_loss.values):
-            return causal_lm_loss_sum(ops.cast(self.lm_head(hidden), ms.float32), labels)
+            return causal_lm_loss_sum(ops.cast(self.lm_head(hidden[:, :-1]), ms.float32), labels)
         return self.lm_loss(hidden, labels, self.lm_head.weight)

@@ -23,6 +23,7 @@ from qwenvl.model.attention import (
     with_tnd_lengths,
 )
 from qwenvl.model.lm_loss import ChunkedLossHead
+from qwenvl.model.tensor_ops import unsqueeze
 from qwenvl.model.layers import (
     Embedding,
     LayerNorm,
@@ -180,7 +181,7 @@ class VisionTransformer(nn.Cell):
         x = self.patch_embed(pixel_values)
         if patch_order is not None:
             x = ops.gather(x, patch_order, 0)
-        cos, sin = cos[None, :, None], sin[None, :, None]
+        cos, sin = unsqueeze(unsqueeze(cos, 0), 2), unsqueeze(unsqueeze(sin, 0), 2)
         for index, block in enumerate(self.blocks):
             if self.windowed[index]:
                 x = block(x, window_segments, cos, sin, window_lengths)
@@ -288,7 +289,7 @@ class LanguageModel(nn.Cell):
 
     def construct(self, embeds, segments, position_ids, lengths=None):
         cos, sin = self.rotary(position_ids)
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = unsqueeze(cos, 1), unsqueeze(sin, 1)
         x = embeds
         for layer in self.layers:
             x = layer(x, segments, cos, sin, lengths)

@@ -28,6 +28,7 @@ from qwenvl.model.attention import (
 )
 from qwenvl.model.expert_ops import AscendGroupedKernels, ExpertsMatmul, GroupedMatmul
 from qwenvl.model.lm_loss import ChunkedLossHead
+from qwenvl.model.tensor_ops import unsqueeze
 from qwenvl.model.weight_ops import WeightSource
 from qwenvl.model.layers import (
     Embedding,
@@ -119,9 +120,9 @@ class Qwen3VLVisionAttention(nn.Cell):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (N, heads, head_dim)
-        q = swap_middle_axes(apply_rotary(q, cos, sin)[None])
-        k = swap_middle_axes(apply_rotary(k, cos, sin)[None])
-        v = swap_middle_axes(v[None])
+        q = swap_middle_axes(unsqueeze(apply_rotary(q, cos, sin), 0))
+        k = swap_middle_axes(unsqueeze(apply_rotary(k, cos, sin), 0))
+        v = swap_middle_axes(unsqueeze(v, 0))
         return self.proj(self.attn(q, k, v, segments, lengths, reach)[0])
 
 
@@ -186,7 +187,7 @@ class Qwen3VLVisionModel(nn.Cell):
     def construct(self, pixel_values, segments, cos, sin, pos_index, pos_weight, lengths=None, reach=None):
         x = self.patch_embed(pixel_values)
         corners = ops.cast(self.pos_embed(pos_index.reshape(-1)), x.dtype).reshape(4, -1, x.shape[-1])
-        x = x + (corners * expand_as(ops.cast(pos_weight, x.dtype)[..., None], corners)).sum(0)
+        x = x + (corners * expand_as(unsqueeze(ops.cast(pos_weight, x.dtype), -1), corners)).sum(0)
         deepstack = ()
         for index, block in enumerate(self.blocks):
             x = block(x, segments, cos, sin, lengths, reach)
@@ -314,17 +315,17 @@ class Qwen3VLMoeTextExperts(nn.Cell):
         return self.dense(x, top_weight, top_index)
 
     def dense(self, x, top_weight, top_index):
-        routing = (ops.one_hot(top_index, self.num_experts, 1.0, 0.0) * top_weight[..., None]).sum(1)  # (T, E)
+        routing = (ops.one_hot(top_index, self.num_experts, 1.0, 0.0) * unsqueeze(top_weight, -1)).sum(1)  # (T, E)
         if self.gate_up_dense is None:
-            gate_up = matmul(x[None], ops.cast(self.gate_up_proj, x.dtype))  # (E, T, 2*inter)
+            gate_up = matmul(unsqueeze(x, 0), ops.cast(self.gate_up_proj, x.dtype))  # (E, T, 2*inter)
         else:
-            gate_up = self.gate_up_dense(ops.broadcast_to(x[None], (self.num_experts,) + x.shape), self.gate_up_proj)
+            gate_up = self.gate_up_dense(ops.broadcast_to(unsqueeze(x, 0), (self.num_experts,) + x.shape), self.gate_up_proj)
         hidden = self.act(gate_up[..., : self.inter]) * gate_up[..., self.inter :]
         if self.down_dense is None:
             out = matmul(hidden, ops.cast(self.down_proj, x.dtype))  # (E, T, hidden)
         else:
             out = self.down_dense(hidden, self.down_proj)
-        return (out * ops.cast(routing, x.dtype).swapaxes(0, 1)[..., None]).sum(0)
+        return (out * unsqueeze(ops.cast(routing, x.dtype).swapaxes(0, 1), -1)).sum(0)
 
     def dispatched(self, x, top_weight, top_index):
         """The T*k (token, expert) pairs sorted by expert, two grouped matmuls, weighted sum back per token."""
@@ -500,7 +501,7 @@ class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
         if text_segments is None:  # one causal sequence per row
             text_segments = ops.zeros(input_ids.shape, ms.int32)
         cos, sin = lm.rotary(position_ids)
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = unsqueeze(cos, 1), unsqueeze(sin, 1)
         for index, layer in enumerate(lm.layers):
             x = layer(x, text_segments, cos, sin, text_lengths)
             if index < len(deepstack):
