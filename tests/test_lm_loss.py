@@ -9,13 +9,19 @@ import pytest
 
 from qwenvl.data.collators import collate_padded
 from qwenvl.model import load_model
-from qwenvl.model.lm_loss import chunk_rows, whole_logits_fit
+from qwenvl.model.lm_loss import _ChunkedCrossEntropy, _ChunkedCrossEntropyFrozenHead, chunk_rows, whole_logits_fit
 from qwenvl.train.argument import parse_args
 from qwenvl.train.freezing import apply_tuning_flags
 from qwenvl.train.optimizer import build_optimizer
 from qwenvl.train.param_groups import build_param_groups
 from qwenvl.train.train_step import TrainStep
 from tests.test_train_layouts import _samples
+
+
+def test_both_chunked_losses_have_their_own_backward_pass():
+    """The memory bound rests on the hand-written backward (recomputed chunk logits); autodiff would keep every
+    chunk's logits and compute the same numbers, so equal gradients alone would not show it is in use."""
+    assert "bprop" in vars(_ChunkedCrossEntropy) and "bprop" in vars(_ChunkedCrossEntropyFrozenHead)
 
 
 def test_chunks_split_the_rows_evenly_within_the_budget():
