@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
+from qwenvl.model import attention
 from qwenvl.model.attention import (
     SegmentAttention,
     _BlockedAttention,
@@ -65,9 +66,15 @@ SEGMENTS = {
 }
 
 
+@pytest.mark.parametrize("schedule", ["parallel", "chained"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("layout", sorted(SEGMENTS))
-def test_blocked_attention_equals_dense_in_values_and_gradients(layout, causal):
+def test_blocked_attention_equals_dense_in_values_and_gradients(layout, causal, schedule, monkeypatch):
+    """Blocks of 4 rows. `parallel` (short sequences): the sequence's mask is built once and sliced per block;
+    `chained` (what long sequences get; forced here by a zero byte budget): blocks one after another, largest
+    first, each building its own mask, causal key spans in power-of-two size classes."""
+    if schedule == "chained":
+        monkeypatch.setattr(attention, "CHAIN_BYTES", 0)
     seg = SEGMENTS[layout]
     q, k, v, seg_t, weights = _case(seg)
     scale = 8**-0.5
