@@ -166,6 +166,15 @@ def _mean_loss_and_grads(model, inputs: dict):
     return float(loss), {name: g.asnumpy() for (name, _), g in zip(params, grads)}
 
 
+def _assert_loss_and_grads_equal_hf(loss: float, grads: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+    """Token-mean loss within 1e-4 relative; every gradient within 1e-4 of the largest entry of HF's."""
+    np.testing.assert_allclose(loss, ref["loss"], rtol=1e-4)
+    for name, grad in grads.items():
+        expected = ref[f"grad:{name}"]
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-4 * scale + 1e-9, err_msg=name)
+
+
 def test_parameter_names_and_shapes_equal_hf(setup):
     ours = {name: tuple(p.shape) for name, p in named_parameters(setup.model).items()}
     assert ours == {name: tuple(shape) for name, shape in setup.ref["params"].items()}
@@ -185,11 +194,7 @@ def test_every_gradient_equals_hf(setup, case):
     inputs = setup.inputs(setup.cases[case])
     ref = setup.ref[case]
     loss, grads = _mean_loss_and_grads(setup.model, inputs)
-    np.testing.assert_allclose(loss, ref["loss"], rtol=1e-4)
-    for name, grad in grads.items():
-        expected = ref[f"grad:{name}"]
-        scale = float(np.abs(expected).max())
-        np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-4 * scale + 1e-9, err_msg=name)
+    _assert_loss_and_grads_equal_hf(loss, grads, ref)
 
 
 def test_packed_row_equals_samples_one_by_one(setup):
@@ -305,11 +310,7 @@ def test_full_attention_within_the_frame_bound_equals_hf(setup, case):
     with query_blocks(setup.model, 16):
         np.testing.assert_allclose(setup.model.logits(**inputs).asnumpy(), ref["logits"], rtol=0, atol=1e-5)
         loss, grads = _mean_loss_and_grads(setup.model, inputs)
-    np.testing.assert_allclose(loss, ref["loss"], rtol=1e-4)
-    for name, grad in grads.items():
-        expected = ref[f"grad:{name}"]
-        scale = float(np.abs(expected).max())
-        np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-4 * scale + 1e-9, err_msg=name)
+    _assert_loss_and_grads_equal_hf(loss, grads, ref)
 
 
 def test_vision_reach_is_absent_without_a_frame_bound(setup):
