@@ -350,6 +350,20 @@ def test_float16_compute_is_close_and_bfloat16_is_refused_on_cpu(setup):
         build_model(setup.model.config, dtype="bfloat16")
 
 
+def test_float16_on_cpu_computes_in_float32_over_float16_weights(setup):
+    """On CPU a float16 model's activations are float32 (MindSpore's CPU float16 element-wise kernels each keep a
+    large workspace): its logits equal a float32 model's over the same float16-rounded weights, to float32
+    rounding; float16 activations would be off by about 1e-3."""
+    half = load_model(setup.model_dir, dtype="float16")
+    rounded = build_model(setup.model.config)
+    for name, param in named_parameters(rounded).items():
+        param.set_data(ms.Tensor(named_parameters(half)[name].asnumpy().astype(np.float32)))
+    inputs = setup.inputs(setup.cases["image"])
+    expected = rounded.logits(**inputs).asnumpy()
+    np.testing.assert_allclose(half.logits(**inputs).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    assert all(p.dtype == ms.float16 for p in half.get_parameters())
+
+
 def test_build_is_seeded_and_reads_a_config_folder(setup):
     again = build_model(setup.model_dir, seed=0)
     other = build_model(setup.model.config, seed=1)

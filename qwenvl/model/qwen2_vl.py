@@ -33,6 +33,7 @@ from qwenvl.model.layers import (
     RMSNorm,
     activation,
     apply_rotary,
+    activation_dtype,
     compute_dtype,
     expand_as,
     frame_cu_seqlens,
@@ -325,6 +326,7 @@ class _Qwen2FamilyForConditionalGeneration(ChunkedLossHead, nn.Cell):
         if self.text["tie_word_embeddings"]:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         use_half_precision_on_cpu(self, self.compute_dtype)
+        self.activation_dtype = activation_dtype(self.compute_dtype)
         self.init_loss()
         self.merge = self.vision["spatial_merge_size"]
         self.vision_head_dim = self._vision_dim() // self.vision["num_heads"]
@@ -406,13 +408,13 @@ class _Qwen2FamilyForConditionalGeneration(ChunkedLossHead, nn.Cell):
                 vision_index, vision_slots, text_lengths, vision_full_lengths, vision_window_lengths,
                 vision_reach):  # fmt: skip
         lm = self.model.language_model
-        x = ops.cast(lm.embed_tokens(input_ids), self.compute_dtype)
+        x = ops.cast(lm.embed_tokens(input_ids), self.activation_dtype)
         if pixel_values is not None:
-            pixels = ops.cast(pixel_values, self.compute_dtype)
+            pixels = ops.cast(pixel_values, self.activation_dtype)
             feats = self.model.visual(pixels, vision_cos, vision_sin, vision_full_segments, vision_window_segments,
                                       vision_patch_order, vision_merge_order, vision_full_lengths,
                                       vision_window_lengths, vision_reach)  # fmt: skip
-            slots = expand_as(ops.cast(vision_slots, self.compute_dtype), x)
+            slots = expand_as(ops.cast(vision_slots, self.activation_dtype), x)
             x = x * (1 - slots) + ops.gather(feats, vision_index, 0) * slots
         if text_segments is None:  # one causal sequence per row
             text_segments = ops.zeros(input_ids.shape, ms.int32)

@@ -39,6 +39,7 @@ from qwenvl.model.layers import (
     RMSNorm,
     activation,
     apply_rotary,
+    activation_dtype,
     compute_dtype,
     expand_as,
     frame_cu_seqlens,
@@ -423,6 +424,7 @@ class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
         if tc["tie_word_embeddings"]:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         use_half_precision_on_cpu(self, self.compute_dtype)
+        self.activation_dtype = activation_dtype(self.compute_dtype)
         self.init_loss()
         self.image_token_id = int(config.get("image_token_id", tc.get("image_token_id", 151655)))
         self.video_token_id = int(config.get("video_token_id", tc.get("video_token_id", 151656)))
@@ -487,10 +489,10 @@ class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
                 pos_index, pos_weight, vision_index, vision_slots, text_lengths, vision_lengths,
                 vision_reach):  # fmt: skip
         lm = self.model.language_model
-        x = ops.cast(lm.embed_tokens(input_ids), self.compute_dtype)
+        x = ops.cast(lm.embed_tokens(input_ids), self.activation_dtype)
         deepstack = ()
         if pixel_values is not None:
-            feats, deep = self.model.visual(ops.cast(pixel_values, self.compute_dtype), vision_segments, vision_cos,
+            feats, deep = self.model.visual(ops.cast(pixel_values, self.activation_dtype), vision_segments, vision_cos,
                                             vision_sin, pos_index, pos_weight, vision_lengths,
                                             vision_reach)  # fmt: skip
             slots = expand_as(ops.cast(vision_slots, ms.bool_), x)
