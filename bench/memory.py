@@ -17,7 +17,10 @@ Each (mode, size) runs in fresh processes (msrun for 2 workers); memory is the p
 (`ru_maxrss`; on Ascend MindSpore's device memory statistics), recorded after each phase: load, optimizer
 state, forward+backward (one compiled graph), gradient reduction, optimizer step, the remaining steps,
 checkpoint save. The marginal cost is the least-squares slope of the peak over the parameter count, the
-fixed cost of interpreter, libraries, logits and one layer's working set staying in the intercept. Bytes
+fixed cost of interpreter, libraries, logits and one layer's working set staying in the intercept. A probe
+process per point compiles the forward/backward graph without running it: the host memory the compiled graph
+keeps, part of the CPU peak (on Ascend host memory, not device memory), is printed beside it with its own slope;
+it grows with the number of layers, which is what differs between these sizes. Bytes
 per token: the smallest size at image224 (256 tokens) and image448 (458 tokens).
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -103,6 +107,9 @@ def worker(model_dir: str, batch_path: str, mode: str, steps: int, out: str) -> 
     phases["optimizer_state"] = _peak_mib()
     batch = dict(np.load(batch_path))
     inputs = model.prepare_inputs(batch)
+    if steps == 0:
+        _write(out, dp, {"rank": dp.rank, "params": params, "compiled_mib": _compiled_graph_mib(step, inputs)})
+        return
     step.on_phase = lambda name: phases.setdefault(name, _peak_mib())
     times, after_step = [], {}
     for index in range(steps):
@@ -121,9 +128,36 @@ def worker(model_dir: str, batch_path: str, mode: str, steps: int, out: str) -> 
               "after_step": after_step, "first_step_s": times[0],
               "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
               "tokens": int(np.asarray(batch["input_ids"]).size)}  # fmt: skip
+    _write(out, dp, result)
+
+
+def _write(out: str, dp, result: dict) -> None:
     target = Path(f"{out}.rank{dp.rank}.json") if dp.world_size > 1 else Path(out)
     target.write_text(json.dumps(result), encoding="utf-8")
     print(json.dumps(result))
+
+
+def _resident_mib() -> float:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _compiled_graph_mib(step, inputs) -> float:
+    """Host memory the compiled forward/backward graph keeps: the resident set after compiling it without running
+    it (MindSpore's `precompile_only`), freed heap returned first, minus the resident set before. MindSpore cannot
+    run a graph compiled that way afterwards, so this probe is a process of its own. On CPU this memory is part of
+    the measured peak; on Ascend it is host memory, not device memory."""
+    import ctypes
+
+    import mindspore as ms
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc_trim(0)
+    before = _resident_mib()
+    ms.set_context(precompile_only=True)
+    step._forward_backward(ms.Tensor(1.0, ms.float32), *step.positional(inputs))  # compiles, runs nothing
+    libc.malloc_trim(0)
+    return _resident_mib() - before
 
 
 def _measure(mode: str, model_dir: str, batch: str, steps: int, work: Path, rss_limit_gb: float) -> dict:
@@ -140,7 +174,7 @@ def _measure(mode: str, model_dir: str, batch: str, steps: int, work: Path, rss_
              if Path(f"{out}.rank{r}.json").is_file()]  # fmt: skip
     if code != 0 or len(ranks) != world:
         return {"error": f"msrun exit {code}: {logs[-600:]}"}
-    return max(ranks, key=lambda r: r["peak_mib"])
+    return max(ranks, key=lambda r: r.get("peak_mib", r.get("compiled_mib")))
 
 
 def _slope(points: list[dict]) -> float:
@@ -176,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             point = _measure(mode, prepared[size]["model"], prepared[size]["batches"][args.workload], args.steps, work,
                              args.rss_limit_gb)  # fmt: skip
+            if "error" not in point:
+                probe = _measure(mode, prepared[size]["model"], prepared[size]["batches"][args.workload], 0, work,
+                                 args.rss_limit_gb)  # fmt: skip
+                point["compiled_mib"] = probe.get("compiled_mib", float("nan"))
             points.append({"size": size, **point})
             print(f"[memory] {mode} {size}: {json.dumps(point)}", flush=True)
         longer = _measure(mode, prepared[sizes[0]]["model"], prepared[sizes[0]]["batches"][args.token_workload],
@@ -201,17 +239,23 @@ def report(results: dict) -> None:
         points = [p for p in data["points"] if "error" not in p]
         world, stage, dtype, lora, ideal = MODES[mode]
         print(f"{mode}: world {world}, ZeRO stage {stage}, {dtype}{', LoRA (frozen base)' if lora else ''}")
-        print("  " + f"{'size':<9}{'params':>12}" + "".join(f"{p:>19}" for p in PHASES) + f"{'step s':>9}")
+        print("  " + f"{'size':<9}{'params':>12}" + "".join(f"{p:>19}" for p in PHASES) + f"{'step s':>9}"
+              + f"{'compiled graph':>16}")  # fmt: skip
         for p in data["points"]:
             if "error" in p:
                 print(f"  {p['size']:<9}{p['error'][:150]}")
                 continue
             phases = "".join(f"{p['phases'].get(name, float('nan')):>19.0f}" for name in PHASES)
-            print(f"  {p['size']:<9}{p['params']:>12,}{phases}{p['step_s']:>9.2f}")
+            print(f"  {p['size']:<9}{p['params']:>12,}{phases}{p['step_s']:>9.2f}"
+                  f"{p.get('compiled_mib', float('nan')):>16.0f}")  # fmt: skip
         if len(points) >= 2:
             slope = _slope(points)
             verdict = "met" if slope <= TARGETS[mode] else "NOT met"
             print(f"  marginal {slope:.1f} bytes/param (ideal {ideal:.1f}, target <= {TARGETS[mode]:g}: {verdict})")
+            if all(math.isfinite(p.get("compiled_mib", math.nan)) for p in points):
+                graph = _slope([{**p, "peak_mib": p["compiled_mib"]} for p in points])
+                print(f"  of which the compiled graph's host memory {graph:.1f} bytes/param (it grows with the "
+                      f"layer count, not the width); without it {slope - graph:.1f} bytes/param")  # fmt: skip
         longer = data.get("longer", {})
         if points and "error" not in longer:
             tokens = longer["tokens"] - points[0]["tokens"]

@@ -25,8 +25,8 @@ row and vocabulary entry.
 
 Device terms: on Ascend a fixed allowance for the runtime, HCCL buffers and kernel workspace. On CPU (the
 tests' backend) the process baseline measured here (Python + MindSpore + runtime), activations held in
-float32 with the measured factor of MindSpore's CPU kernels over the formula (x2 again in half precision:
-its CPU kernels keep float32 working copies), and the float32 working copies of half-precision weights
+float32 (half-precision models too: `qwenvl.model.layers.activation_dtype`) with the measured factor of
+MindSpore's CPU kernels over the formula, and the float32 working copies of half-precision weights
 (`qwenvl.model.weight_ops.HalfOnCPU`) per parameter of the layers a step runs. The CPU constants come from
 `bench/memory.py` (see `tests/test_estimate_memory.py`); recompute measured no saving on CPU.
 """
@@ -45,9 +45,8 @@ DEVICES = ("ascend", "cpu")
 ASCEND_RUNTIME_BYTES = 3 * GiB  # allowance: CANN runtime, HCCL buffers (HCCL_BUFFSIZE), kernel workspace
 CPU_BASELINE_BYTES = 480 * MiB  # measured: Python + MindSpore import + runtime, before any weight
 CPU_ACTIVATION_FACTOR = 1.64  # measured float32 activations of MindSpore's CPU kernels / the formula
-CPU_HALF_ACTIVATION_FACTOR = 2.0  # measured: half precision on CPU holds ~2x the float32 activations
-CPU_HALF_COPY_BYTES = 7.0  # fitted: float32 working bytes per half-precision weight element a step runs
-CPU_HALF_GRAD_BYTES = {"whole": 8.0, "chunk": 2.5}  # ... plus, for trainable weights, by gradient layout
+CPU_HALF_COPY_BYTES = 3.0  # fitted: float32 working bytes per half-precision weight element a step runs
+CPU_HALF_GRAD_BYTES = {"whole": 9.0, "chunk": 2.5}  # ... plus, for trainable weights, by gradient layout
 PERSISTENCE_THRESHOLD = 100_000
 
 
@@ -145,7 +144,7 @@ def _activations(config: dict, plan: Plan, e: int) -> tuple[float, str]:
     vision = vision_settings(config)
     blocks = [_vision_activation_elements(vision)] * (vision["depth"] if plan.vision_patches else 0)
     if plan.device == "cpu":  # float32 working values on CPU, measured factors (module docstring)
-        bytes_per = 4 * CPU_ACTIVATION_FACTOR * (1 if e == 4 else CPU_HALF_ACTIVATION_FACTOR)
+        bytes_per = 4 * CPU_ACTIVATION_FACTOR
         full = bytes_per * (plan.tokens * sum(layers) + plan.vision_patches * sum(blocks))
         how = "all layers kept (CPU: recompute measured no saving)"
     elif plan.recompute:
