@@ -4,6 +4,7 @@ beside the ideal of each mode and, for float32, transformers + torch on the same
     GLOG_v=3 python bench/memory.py                                   # every mode, three sizes
     GLOG_v=3 python bench/memory.py --modes fp32 --torch_python ~/.venvs/torch-ref/bin/python
     GLOG_v=3 python bench/memory.py --stability_steps 200             # peak after step 10 vs after step 200
+    GLOG_v=3 python bench/memory.py --sizes width768,width1024,width1280  # one depth, widths varied
 
 Modes (the ideal counts model states only: what grows with parameters):
 - fp32: full fine-tune in float32, AdamW, one process. Ideal 16 B/param: weights, gradients, two moments.

@@ -84,6 +84,8 @@ def config_for(size: str) -> dict:
     tiny: ~0.22 M params. 120m (issue 14): Qwen2.5-VL, LLM hidden 512 x 8 layers, vocab 151936 tied, vision
     depth 8 hidden 384 (intermediates 1536 / 1024: 119.7 M). mem109m / mem163m (issue 10): hidden 1024,
     vocab 32768 untied, vision hidden 640, (2 text layers, 2 vision blocks) / (6, 4): 109.0 M / 163.0 M.
+    width768 / width1024 / width1280: the same with 4 text layers and 2 vision blocks, text hidden 768 / 1024 / 1280
+    (intermediate 2.75x, head dim 64).
     """
     if size == "tiny":
         return _tiny()
@@ -93,10 +95,11 @@ def config_for(size: str) -> dict:
         vision = {"depth": 8, "hidden_size": 384, "intermediate_size": 1024, "num_heads": 6,
                   "fullatt_block_indexes": [3, 7]}  # fmt: skip
         return _qwen25_config(text, vision, QWEN_IDS)
-    if size in MEMORY_SIZES:
-        layers, blocks = MEMORY_SIZES[size]
-        text = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": layers, "num_attention_heads": 16,
-                "num_key_value_heads": 2, "vocab_size": 32768, "tie_word_embeddings": False}  # fmt: skip
+    if size in MEMORY_SIZES or size in WIDTH_SIZES:
+        hidden, layers, blocks = (1024, *MEMORY_SIZES[size]) if size in MEMORY_SIZES else (WIDTH_SIZES[size], 4, 2)
+        text = {"hidden_size": hidden, "intermediate_size": hidden * 11 // 4, "num_hidden_layers": layers,
+                "num_attention_heads": hidden // 64, "num_key_value_heads": 2, "vocab_size": 32768,
+                "tie_word_embeddings": False}  # fmt: skip
         vision = {"depth": blocks, "hidden_size": 640, "intermediate_size": 1728, "num_heads": 10,
                   "fullatt_block_indexes": [blocks - 1]}  # fmt: skip
         return _qwen25_config(text, vision, {**QWEN_IDS, "image_token_id": 32001, "video_token_id": 32002,
@@ -107,7 +110,10 @@ def config_for(size: str) -> dict:
 
 # issue 10's memory configs (text layers, vision blocks): 109.0 M and 163.0 M parameters, and one between
 MEMORY_SIZES = {"mem109m": (2, 2), "mem136m": (4, 3), "mem163m": (6, 4)}
-SIZES = ("tiny", "120m", *MEMORY_SIZES)
+# the same family at one depth (4 text layers, 2 vision blocks), text hidden size varied: costs that grow with the
+# layer count (the compiled graph, each layer's activations) stay out of the slope over these
+WIDTH_SIZES = {"width768": 768, "width1024": 1024, "width1280": 1280}
+SIZES = ("tiny", "120m", *MEMORY_SIZES, *WIDTH_SIZES)
 # image workloads: image side in pixels, and the prompt and answer text tokens around the image
 IMAGES = {"image448": (448, 100), "image224": (224, 95), "image1k": (224, 479)}
 
