@@ -258,7 +258,7 @@ def report(results: dict) -> None:
                 print(f"  of which the compiled graph's host memory {graph:.1f} bytes/param (it grows with the "
                       f"layer count, not the width); without it {slope - graph:.1f} bytes/param")  # fmt: skip
         longer = data.get("longer", {})
-        if points and "error" not in longer:
+        if points and longer and "error" not in longer:
             tokens = longer["tokens"] - points[0]["tokens"]
             per_token = (longer["peak_mib"] - points[0]["peak_mib"]) * 2**20 / tokens
             print(f"  {per_token / 1024:.0f} KiB per token ({points[0]['tokens']} -> {longer['tokens']} tokens, "

@@ -90,6 +90,20 @@ def test_marginal_bytes_per_param_is_the_slope():
 
 
 @pytest.mark.slow
+def test_memory_report_slices_the_compiled_graph_out_of_the_slope(capsys):
+    import memory
+
+    points = [{"size": "a", "params": 100_000_000, "peak_mib": 1000.0, "compiled_mib": 100.0, "tokens": 256,
+               "phases": {}, "step_s": 1.0},
+              {"size": "b", "params": 200_000_000, "peak_mib": 2000.0, "compiled_mib": 150.0, "tokens": 256,
+               "phases": {}, "step_s": 2.0}]  # fmt: skip
+    memory.report({"workload": "text256", "sizes": ["a", "b"], "modes": {"lora_fp16": {"points": points}}})
+    out = capsys.readouterr().out
+    # by hand: 1000 MiB over 1e8 parameters is 10.49 B/param, of which 50 MiB (0.52) the compiled graph
+    assert "marginal 10.5 bytes/param" in out
+    assert "compiled graph's host memory 0.5 bytes/param" in out and "without it 10.0 bytes/param" in out
+
+
 def test_vs_torch_without_torch_says_not_measured(tmp_path):
     cmd = [sys.executable, "bench/vs_torch.py", "--sizes", "tiny", "--workloads", "text512",
            "--impls", "torch,torch_tuned", "--torch_python", "", "--work", str(tmp_path)]  # fmt: skip
