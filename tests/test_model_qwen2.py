@@ -250,6 +250,29 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
     assert loaded["a"].dtype == np.float32
 
 
+def test_stored_tensor_reads_any_range_block_by_block(tmp_path, monkeypatch):
+    """Ranges of a stored tensor, read a few bytes at a time, equal numpy's slices of the values written, in the
+    requested dtype, for float32, float16 and bfloat16 files."""
+    from safetensors.numpy import save_file
+
+    from qwenvl.model import checkpoint_io
+
+    values = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    save_file({"f32": values, "f16": values.astype(np.float16)}, str(tmp_path / "w.safetensors"))
+    _write_bfloat16(tmp_path / "b.safetensors", {"bf16": values})
+    bf16 = (values.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    monkeypatch.setattr(checkpoint_io, "READ_BLOCK_BYTES", 6)  # blocks of 1-3 values, ending mid-row
+    stored = {t.name: t for path in ("w", "b") for t in checkpoint_io.stored_tensors(tmp_path / f"{path}.safetensors")}
+    expected = {"f32": values, "f16": values.astype(np.float16).astype(np.float32), "bf16": bf16}
+    for name, full in expected.items():
+        assert stored[name].shape == (7, 5) and stored[name].numel == 35
+        for begin, end in ((0, 35), (3, 4), (11, 29), (34, 35)):
+            for dtype in (np.float32, np.float16):
+                got = stored[name].read(dtype, begin, end)
+                assert got.dtype == dtype
+                np.testing.assert_array_equal(got, full.reshape(-1)[begin:end].astype(dtype), err_msg=name)
+
+
 def test_sharded_checkpoint_with_memory_names_round_trips(setup, tmp_path):
     """A sharded checkpoint using 4.57 in-memory names loads too, and gives the same logits."""
     params = list(named_parameters(setup.model).items())

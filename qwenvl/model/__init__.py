@@ -11,20 +11,26 @@ import importlib.util
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
 from qwenvl.model.checkpoint_io import (
+    StoredTensor,
     TensorPlan,
     checkpoint_files,
-    iter_safetensors,
     safetensors_tag,
+    stored_tensors,
     to_disk_name,
     to_memory_name,
     write_safetensors,
 )
 from qwenvl.model.layers import init_parameters
+
+if TYPE_CHECKING:
+    from qwenvl.parallel.layout import ShardSpec
 
 _REGISTRY = {
     "qwen2_vl": ("qwenvl.model.qwen2_vl", "Qwen2VLForConditionalGeneration"),
@@ -122,6 +128,18 @@ def _sharded(model: nn.Cell):
     return getattr(model, "zero3", None)
 
 
+def _read_for(stored: StoredTensor, dtype: ms.Type, spec: ShardSpec | None) -> np.ndarray:
+    """A stored tensor's values for a parameter of `dtype` (numpy has no bfloat16: float32 then), whole or,
+    for a ZeRO-3 chunk, only this rank's part, zero-padded to the chunk."""
+    target = np.float16 if dtype == ms.float16 else np.float32
+    if spec is None:
+        return stored.read(target).reshape(stored.shape)
+    start, stop = spec.bounds()
+    chunk = np.zeros(spec.chunk, target)
+    chunk[: stop - start] = stored.read(target, start, stop)
+    return chunk
+
+
 def load_weights(model: nn.Cell, model_dir: str | Path) -> None:
     """Stream a checkpoint folder's tensors into an existing model (resume keeps the same Parameter objects),
     each converted to its parameter's dtype; a ZeRO-3 sharded parameter takes only this rank's chunk."""
@@ -131,20 +149,19 @@ def load_weights(model: nn.Cell, model_dir: str | Path) -> None:
     optional = {"lm_head.weight"} if _is_tied(model) else set()
     loaded, unexpected, mismatched = set(), [], []
     for path in checkpoint_files(model_dir):
-        for disk_name, array in iter_safetensors(path):
-            name = to_memory_name(disk_name)
+        for stored in stored_tensors(path):
+            name = to_memory_name(stored.name)
             if name in optional:
                 continue
             if name not in params:
-                unexpected.append(disk_name)
+                unexpected.append(stored.name)
                 continue
             spec = placement.get(name)
             expected = spec.shape if spec else tuple(params[name].shape)
-            if tuple(array.shape) != tuple(expected):
-                mismatched.append(f"{disk_name}: checkpoint {tuple(array.shape)} vs model {tuple(expected)}")
+            if tuple(stored.shape) != tuple(expected):
+                mismatched.append(f"{stored.name}: checkpoint {tuple(stored.shape)} vs model {tuple(expected)}")
                 continue
-            value = spec.take(array) if spec else np.ascontiguousarray(array)
-            params[name].set_data(Tensor(value, params[name].dtype))
+            params[name].set_data(Tensor(_read_for(stored, params[name].dtype, spec), params[name].dtype))
             loaded.add(name)
     missing = sorted(set(params) - loaded)
     problems = [f"{label} ({len(items)}): {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}"

@@ -1,7 +1,8 @@
 """Safetensors checkpoints in Hugging Face layout, read and written one tensor at a time.
 
-Reading parses the safetensors header and reads one tensor at a time, so bfloat16 checkpoints (which the
-safetensors numpy API cannot return) load as float32 and the RAM peak stays near one tensor. Writing
+Reading parses the safetensors header and reads one tensor at a time, block by block into the dtype asked
+for (a range of it for a ZeRO-3 chunk), so bfloat16 checkpoints (which the safetensors numpy API cannot
+return) load too and the RAM peak stays near one tensor in the target dtype. Writing
 builds each file's header from the tensors' shapes and dtypes first, then streams their bytes, so no
 more than one tensor (one ZeRO-3 gather) is held at a time.
 
@@ -69,16 +70,54 @@ def _as_float32(raw: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
     return raw.view(_NUMPY_DTYPES[dtype]).reshape(shape).astype(np.float32)
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, float32 array) for every tensor of one file, each read on its own (no mapping of the whole file,
+READ_BLOCK_BYTES = 2**26  # stored bytes read and converted at a time
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file: its name, dtype tag, shape and where its bytes start."""
+
+    path: Path
+    name: str
+    tag: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self, dtype: type = np.float32, begin: int = 0, end: int | None = None) -> np.ndarray:
+        """Flattened values [begin, end) in `dtype`, read and converted one block at a time straight into the
+        result: beside the result only one block exists (a whole float32 copy of a 545 M-value embedding, and
+        the bytes it came from, would be 4 GB more per rank), and a ZeRO-3 rank reads only its chunk."""
+        if self.tag != "BF16" and self.tag not in _NUMPY_DTYPES:
+            raise ValueError(f"unsupported safetensors dtype {self.tag}")
+        end = self.numel if end is None else end
+        width = 2 if self.tag == "BF16" else np.dtype(_NUMPY_DTYPES[self.tag]).itemsize
+        out = np.empty(end - begin, dtype)
+        step = max(1, READ_BLOCK_BYTES // width)
+        with open(self.path, "rb") as f:
+            for lo in range(begin, end, step):
+                hi = min(end, lo + step)
+                f.seek(self.offset + lo * width)
+                raw = np.frombuffer(f.read((hi - lo) * width), dtype=np.uint8)
+                out[lo - begin : hi - begin] = _as_float32(raw, self.tag, [hi - lo])
+        return out
+
+
+def stored_tensors(path: Path) -> list[StoredTensor]:
+    """The tensors of one file, in header order; nothing is read but the header (no mapping of the whole file,
     whose pages would count towards the process's resident memory)."""
     header, start = _read_header(path)
-    with open(path, "rb") as f:
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            f.seek(start + begin)
-            raw = np.frombuffer(f.read(end - begin), dtype=np.uint8)
-            yield name, _as_float32(raw, info["dtype"], info["shape"])
+    return [StoredTensor(Path(path), name, info["dtype"], tuple(info["shape"]), start + info["data_offsets"][0])
+            for name, info in header.items()]  # fmt: skip
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 array) for every tensor of one file, each read on its own."""
+    for stored in stored_tensors(path):
+        yield stored.name, stored.read().reshape(stored.shape)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
