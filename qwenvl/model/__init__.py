@@ -132,12 +132,9 @@ def _read_for(stored: StoredTensor, dtype: ms.Type, spec: ShardSpec | None) -> n
     """A stored tensor's values for a parameter of `dtype` (numpy has no bfloat16: float32 then), whole or,
     for a ZeRO-3 chunk, only this rank's part, zero-padded to the chunk."""
     target = np.float16 if dtype == ms.float16 else np.float32
-    if spec is None:
+    if spec is None or spec.world == 1:
         return stored.read(target).reshape(stored.shape)
-    start, stop = spec.bounds()
-    chunk = np.zeros(spec.chunk, target)
-    chunk[: stop - start] = stored.read(target, start, stop)
-    return chunk
+    return spec.pad(stored.read(target, *spec.bounds()))
 
 
 def load_weights(model: nn.Cell, model_dir: str | Path) -> None:

@@ -58,8 +58,12 @@ class ShardSpec:
         if self.world == 1:
             return full.reshape(self.shape)
         start, stop = self.bounds()
-        out = np.zeros(self.chunk, full.dtype)
-        out[: stop - start] = full.reshape(-1)[start:stop]
+        return self.pad(full.reshape(-1)[start:stop])
+
+    def pad(self, part: np.ndarray) -> np.ndarray:
+        """This rank's real elements (`bounds()`, read on their own) as its chunk: zero-padded to `chunk`."""
+        out = np.zeros(self.chunk, part.dtype)
+        out[: part.size] = part.reshape(-1)
         return out
 
     def join(self, chunks: list[np.ndarray]) -> np.ndarray:
