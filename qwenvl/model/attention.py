@@ -30,9 +30,6 @@ _BMM_TN = ops.BatchMatMul(transpose_a=True)
 _SOFTMAX = ops.Softmax(-1)  # the fused kernel: ~13x faster on CPU than max, exp, sum and divide as separate ops
 
 
-@constexpr
-def _neg_inf() -> Tensor:
-    return Tensor(NEG_INF, ms.float32)
 
 
 @constexpr
@@ -93,8 +90,10 @@ def _span(x, start: int, stop: int, axis: int = 2):
     return x[:, :, start:stop]
 
 
-def _allowed(seg, start: int, stop: int, lo: int, hi: int, causal: bool):
-    """(B, rows, keys) bool: query start + i may see key lo + j (same segment; causal: not after it)."""
+def _mask_bias(seg, start: int, stop: int, lo: int, hi: int, causal: bool):
+    """(B, 1, rows, keys) float32 added to the scores: 0 where query start + i may see key lo + j (same
+    segment; causal: not after it), NEG_INF elsewhere. Added rather than filled in: MindSpore's CPU MaskedFill
+    takes ~4x the time of broadcasting a float32 bias over the heads and adding it (4 x 512 x 512 scores)."""
     rows = _span(seg, start, stop, 1)
     rows = ops.select(rows < 0, -rows - 1, rows)  # padding queries belong to their row's segment
     rows, keys = _f32(unsqueeze(rows, 2)), _f32(unsqueeze(_span(seg, lo, hi, 1), 2))
@@ -103,10 +102,15 @@ def _allowed(seg, start: int, stop: int, lo: int, hi: int, causal: bool):
     allowed = _BMM_NT(_with_ones_column(rows), ops.cat((ops.ones_like(keys), -keys), -1)) == 0
     if causal:
         allowed = ops.logical_and(allowed, _expand(_causal_block(stop - start, start, lo, hi - lo), allowed))
-    return allowed
+    return unsqueeze(ops.select(allowed, ops.zeros(allowed.shape, ms.float32), _expand(_neg_inf(), allowed)), 1)
 
 
-SHARED_MASK_BYTES = 2**26  # a (B, L, L) mask up to this size is built once per step and shared by the layers
+@constexpr
+def _neg_inf() -> Tensor:
+    return Tensor(NEG_INF, ms.float32)
+
+
+SHARED_MASK_BYTES = 2**26  # a (B, L, L) float32 mask bias up to this size is built once per step, shared by the layers
 
 
 @constexpr
@@ -115,7 +119,7 @@ def _share_mask(batch: int, heads: int, length: int, block: int, causal: bool, r
     (outside the layers, so the compiler merges the identical builds of all layers) instead of per block and
     layer and again in the backward pass."""
     chained, _ = _plan_blocks(batch, heads, length, block, causal, reach)
-    return not chained and not reach and batch * length * length <= SHARED_MASK_BYTES
+    return not chained and not reach and batch * length * length * 4 <= SHARED_MASK_BYTES
 
 
 def _expand(small, like):
@@ -157,9 +161,9 @@ class _BlockedAttention(nn.Cell):
         self.block = int(block)
         self.reach = int(reach)
 
-    def _scores(self, q, k, seg, hidden, start: int, stop: int, lo: int, hi: int, after):
+    def _scores(self, q, k, seg, shared, start: int, stop: int, lo: int, hi: int, after):
         """Masked, scaled float32 scores of rows [start, stop) against keys [lo, hi): (B, H, rows, keys); the
-        mask is built here, or sliced from `hidden` ((B, 1, L, L) True where masked) when that is given.
+        mask bias is built here, or sliced from `shared` (`_mask_bias` of the whole sequence) when that is given.
 
         Computed only once `after` (the previous block's result) exists: left alone, the scheduler runs every
         block's first matmul up front and every block's transients are alive at once, so memory would grow
@@ -167,12 +171,11 @@ class _BlockedAttention(nn.Cell):
         if after is not None:  # the mask waits too: it depends on nothing else, so it would be built first
             q, seg = ops.depend(q, after), ops.depend(seg, after)
         scores = _BMM_NT(_f32(_span(q, start, stop)) * self.scale, _f32(_span(k, lo, hi)))
-        if hidden is None:
-            blocked = unsqueeze(ops.logical_not(_allowed(seg, start, stop, lo, hi, self.causal)), 1)
+        if shared is None:
+            bias = _mask_bias(seg, start, stop, lo, hi, self.causal)
         else:
-            blocked = hidden[:, :, start:stop, lo:hi] if (stop - start, hi - lo) != hidden.shape[2:] else hidden
-        # one fill over the scores: fewer full-size passes than building an additive bias and adding it
-        return ops.masked_fill(scores, _expand(blocked, scores), _neg_inf())
+            bias = shared[:, :, start:stop, lo:hi] if (stop - start, hi - lo) != shared.shape[2:] else shared
+        return scores + _expand(bias, scores)
 
     def _reach(self, reach) -> int:
         if self.reach or reach is None:
@@ -182,19 +185,19 @@ class _BlockedAttention(nn.Cell):
     def shares_mask(self, q, reach) -> bool:
         return _share_mask(q.shape[0], q.shape[1], q.shape[2], self.block, self.causal, self._reach(reach))
 
-    def construct(self, q, k, v, seg, hidden=None, reach=None):
+    def construct(self, q, k, v, seg, shared=None, reach=None):
         n_rep = q.shape[1] // k.shape[1]
         k, v = _repeat_heads(k, n_rep), _repeat_heads(v, n_rep)
         outs = []
         chain, blocks = _plan_blocks(q.shape[0], q.shape[1], q.shape[2], self.block, self.causal, self._reach(reach))
         for start, stop, lo, hi in blocks:
-            scores = self._scores(q, k, seg, hidden, start, stop, lo, hi, outs[-1] if outs and chain else None)
+            scores = self._scores(q, k, seg, shared, start, stop, lo, hi, outs[-1] if outs and chain else None)
             outs.append(ops.cast(_BMM(_SOFTMAX(scores), _f32(_span(v, lo, hi))), q.dtype))
         if len(outs) == 1:
             return outs[0]
         return ops.cat(outs[::-1] if chain else outs, 2)  # chained: computed last block first
 
-    def bprop(self, q, k, v, seg, hidden, reach, out, dout):
+    def bprop(self, q, k, v, seg, shared, reach, out, dout):
         # everything recomputed here waits for the incoming gradient: the scheduler would otherwise run the
         # recomputation of every layer at the start of the backward pass, keeping all of them at once
         d_out = _f32(dout)
@@ -210,7 +213,7 @@ class _BlockedAttention(nn.Cell):
             after = dk if dq_blocks and chain else None
             if after is not None:  # every input of this block waits for the previous one (see `_scores`)
                 d_out, output, v_ones = (ops.depend(t, after) for t in (d_out, output, v_ones))
-            probs = _SOFTMAX(self._scores(q, kr, seg, hidden, start, stop, lo, hi, after))
+            probs = _SOFTMAX(self._scores(q, kr, seg, shared, start, stop, lo, hi, after))
             grad_out = _span(d_out, start, stop)
             dv_block = _BMM_TN(probs, grad_out)  # (B, H, keys, D)
             delta = (grad_out * _f32(_span(output, start, stop))).sum(-1, keepdims=True)
@@ -232,7 +235,7 @@ class _BlockedAttention(nn.Cell):
         dq = dq_blocks[0] if len(dq_blocks) == 1 else ops.cat(dq_blocks[::-1] if chain else dq_blocks, 2)
         dq = ops.cast(dq, q.dtype)
         dk, dv = ops.cast(_sum_heads(dk, n_rep), k.dtype), ops.cast(_sum_heads(dv, n_rep), v.dtype)
-        return (dq, dk, dv, ops.zeros_like(seg), None if hidden is None else ops.zeros_like(hidden),
+        return (dq, dk, dv, ops.zeros_like(seg), None if shared is None else ops.zeros_like(shared),
                 None if reach is None else ops.zeros_like(reach))
 
 
@@ -256,10 +259,10 @@ class SegmentAttention(nn.Cell):
         b, h, length, d = q.shape
         if on_ascend() and lengths is not None and q.dtype != ms.float32:
             return self._flash(q, k, v, lengths).reshape(b, length, h * d)
-        hidden = None
+        shared = None
         if self.core.shares_mask(q, reach):
-            hidden = unsqueeze(ops.logical_not(_allowed(seg, 0, length, 0, length, self.causal)), 1)
-        out = self.core(q, k, v, seg, hidden, reach)
+            shared = _mask_bias(seg, 0, length, 0, length, self.causal)
+        out = self.core(q, k, v, seg, shared, reach)
         return swap_middle_axes(out).reshape(b, length, h * d)
 
     def _flash(self, q, k, v, lengths):
