@@ -192,3 +192,27 @@ def test_seed_everything_is_deterministic():
         runs.append(weights(model))
     for name, value in runs[0].items():
         np.testing.assert_array_equal(value, runs[1][name], err_msg=name)
+
+
+def test_small_runs_join_consecutive_small_tensors_up_to_the_limit():
+    from qwenvl.train.tensor_runs import small_runs
+
+    assert small_runs([1, 2, 3, 10, 1, 1], limit=5) == ((0, 1), (2,), (3,), (4, 5))
+    assert small_runs([5, 1, 4, 1], limit=5) == ((0,), (1, 2), (3,))
+    assert small_runs([], limit=5) == ()
+
+
+def test_squared_sum_over_runs_and_large_tensors_equals_numpy():
+    from qwenvl.runtime import graph_mode
+    from qwenvl.train.tensor_runs import RUN_ELEMENTS
+    from qwenvl.train.train_step import _SquaredSum
+
+    rng = np.random.default_rng(3)
+    shapes = [(3,), (4, 5), (RUN_ELEMENTS + 5,), (7,), (256, 1024), (2, 11), (RUN_ELEMENTS - 40,), (30,)]
+    values = [rng.standard_normal(s).astype(np.float16 if i == 1 else np.float32) for i, s in enumerate(shapes)]
+    expected = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in values)
+    cell = _SquaredSum([v.size for v in values])
+    assert cell.runs == ((0, 1), (2,), (3,), (4,), (5, 6), (7,))  # 22 + 2^18 - 40 fit; + 30 does not
+    with graph_mode():
+        total = float(ms.jit(cell.construct)(*(ms.Tensor(v) for v in values)))
+    assert total == pytest.approx(expected, rel=1e-5)

