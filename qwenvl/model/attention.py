@@ -7,8 +7,8 @@ query rows, the mask of each block built inside the graph from the segment ids, 
 that recomputes each block's scores and probabilities (as flash attention does): what is kept for the backward
 pass is q, k, v and the output, never a (rows x keys) tensor, so memory grows linearly with the sequence and
 with the number of packed samples. Each block waits for the previous one (`ops.depend`), so one block's
-transients are alive at a time; causal blocks stop near their last row. Short sequences instead build the
-mask of the whole sequence once per step, shared by every layer (`_share_mask`).
+transients are alive at a time; causal blocks stop near their last row. Shorter sequences (unchained blocks)
+build each block's mask once per step, for every layer (`_scores`).
 """
 
 from __future__ import annotations
@@ -110,18 +110,6 @@ def _neg_inf() -> Tensor:
     return Tensor(NEG_INF, ms.float32)
 
 
-SHARED_MASK_BYTES = 2**26  # a (B, L, L) float32 mask bias up to this size is built once per step, shared by the layers
-
-
-@constexpr
-def _share_mask(batch: int, heads: int, length: int, block: int, causal: bool, reach: int) -> bool:
-    """Whether every key may be visited and the mask of the whole sequence is small: then it is built once
-    (outside the layers, so the compiler merges the identical builds of all layers) instead of per block and
-    layer and again in the backward pass."""
-    chained, _ = _plan_blocks(batch, heads, length, block, causal, reach)
-    return not chained and not reach and batch * length * length * 4 <= SHARED_MASK_BYTES
-
-
 def _expand(small, like):
     """Explicit broadcast (MindSpore's CPU kernels for implicitly broadcasting binary ops keep index maps)."""
     return ops.broadcast_to(small, like.shape)
@@ -161,9 +149,11 @@ class _BlockedAttention(nn.Cell):
         self.block = int(block)
         self.reach = int(reach)
 
-    def _scores(self, q, k, seg, shared, start: int, stop: int, lo: int, hi: int, after):
-        """Masked, scaled float32 scores of rows [start, stop) against keys [lo, hi): (B, H, rows, keys); the
-        mask bias is built here, or sliced from `shared` (`_mask_bias` of the whole sequence) when that is given.
+    def _scores(self, q, k, seg, start: int, stop: int, lo: int, hi: int, after):
+        """Masked, scaled float32 scores of rows [start, stop) against keys [lo, hi): (B, H, rows, keys).
+        Unchained, a block's mask bias is the same expression of the segment ids in every layer and in the
+        backward pass, and the compiler computes it once per step; chained, it waits for `after` (below) and
+        is built per use, so the masks of a long sequence are never alive together.
 
         Computed only once `after` (the previous block's result) exists: left alone, the scheduler runs every
         block's first matmul up front and every block's transients are alive at once, so memory would grow
@@ -171,33 +161,26 @@ class _BlockedAttention(nn.Cell):
         if after is not None:  # the mask waits too: it depends on nothing else, so it would be built first
             q, seg = ops.depend(q, after), ops.depend(seg, after)
         scores = _BMM_NT(_f32(_span(q, start, stop)) * self.scale, _f32(_span(k, lo, hi)))
-        if shared is None:
-            bias = _mask_bias(seg, start, stop, lo, hi, self.causal)
-        else:
-            bias = shared[:, :, start:stop, lo:hi] if (stop - start, hi - lo) != shared.shape[2:] else shared
-        return scores + _expand(bias, scores)
+        return scores + _expand(_mask_bias(seg, start, stop, lo, hi, self.causal), scores)
 
     def _reach(self, reach) -> int:
         if self.reach or reach is None:
             return self.reach
         return reach.shape[0]
 
-    def shares_mask(self, q, reach) -> bool:
-        return _share_mask(q.shape[0], q.shape[1], q.shape[2], self.block, self.causal, self._reach(reach))
-
-    def construct(self, q, k, v, seg, shared=None, reach=None):
+    def construct(self, q, k, v, seg, reach=None):
         n_rep = q.shape[1] // k.shape[1]
         k, v = _repeat_heads(k, n_rep), _repeat_heads(v, n_rep)
         outs = []
         chain, blocks = _plan_blocks(q.shape[0], q.shape[1], q.shape[2], self.block, self.causal, self._reach(reach))
         for start, stop, lo, hi in blocks:
-            scores = self._scores(q, k, seg, shared, start, stop, lo, hi, outs[-1] if outs and chain else None)
+            scores = self._scores(q, k, seg, start, stop, lo, hi, outs[-1] if outs and chain else None)
             outs.append(ops.cast(_BMM(_SOFTMAX(scores), _f32(_span(v, lo, hi))), q.dtype))
         if len(outs) == 1:
             return outs[0]
         return ops.cat(outs[::-1] if chain else outs, 2)  # chained: computed last block first
 
-    def bprop(self, q, k, v, seg, shared, reach, out, dout):
+    def bprop(self, q, k, v, seg, reach, out, dout):
         # everything recomputed here waits for the incoming gradient: the scheduler would otherwise run the
         # recomputation of every layer at the start of the backward pass, keeping all of them at once
         d_out = _f32(dout)
@@ -213,7 +196,7 @@ class _BlockedAttention(nn.Cell):
             after = dk if dq_blocks and chain else None
             if after is not None:  # every input of this block waits for the previous one (see `_scores`)
                 d_out, output, v_ones = (ops.depend(t, after) for t in (d_out, output, v_ones))
-            probs = _SOFTMAX(self._scores(q, kr, seg, shared, start, stop, lo, hi, after))
+            probs = _SOFTMAX(self._scores(q, kr, seg, start, stop, lo, hi, after))
             grad_out = _span(d_out, start, stop)
             dv_block = _BMM_TN(probs, grad_out)  # (B, H, keys, D)
             delta = (grad_out * _f32(_span(output, start, stop))).sum(-1, keepdims=True)
@@ -235,7 +218,7 @@ class _BlockedAttention(nn.Cell):
         dq = dq_blocks[0] if len(dq_blocks) == 1 else ops.cat(dq_blocks[::-1] if chain else dq_blocks, 2)
         dq = ops.cast(dq, q.dtype)
         dk, dv = ops.cast(_sum_heads(dk, n_rep), k.dtype), ops.cast(_sum_heads(dv, n_rep), v.dtype)
-        return (dq, dk, dv, ops.zeros_like(seg), None if shared is None else ops.zeros_like(shared),
+        return (dq, dk, dv, ops.zeros_like(seg),
                 None if reach is None else ops.zeros_like(reach))
 
 
@@ -259,10 +242,7 @@ class SegmentAttention(nn.Cell):
         b, h, length, d = q.shape
         if on_ascend() and lengths is not None and q.dtype != ms.float32:
             return self._flash(q, k, v, lengths).reshape(b, length, h * d)
-        shared = None
-        if self.core.shares_mask(q, reach):
-            shared = _mask_bias(seg, 0, length, 0, length, self.causal)
-        out = self.core(q, k, v, seg, shared, reach)
+        out = self.core(q, k, v, seg, reach)
         return swap_middle_axes(out).reshape(b, length, h * d)
 
     def _flash(self, q, k, v, lengths):
