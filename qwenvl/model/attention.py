@@ -102,12 +102,8 @@ def _mask_bias(seg, start: int, stop: int, lo: int, hi: int, causal: bool):
     allowed = _BMM_NT(_with_ones_column(rows), ops.cat((ops.ones_like(keys), -keys), -1)) == 0
     if causal:
         allowed = ops.logical_and(allowed, _expand(_causal_block(stop - start, start, lo, hi - lo), allowed))
-    return unsqueeze(ops.select(allowed, ops.zeros(allowed.shape, ms.float32), _expand(_neg_inf(), allowed)), 1)
-
-
-@constexpr
-def _neg_inf() -> Tensor:
-    return Tensor(NEG_INF, ms.float32)
+    # from the comparison's result by two scalar operations: no (rows, keys) constant in the compiled graph
+    return unsqueeze(ops.cast(allowed, ms.float32) * -NEG_INF + NEG_INF, 1)
 
 
 def _expand(small, like):
