@@ -145,13 +145,11 @@ class _BlockedAttention(nn.Cell):
         self.block = int(block)
         self.reach = int(reach)
 
-    def _scores(self, q, k, seg, start: int, stop: int, lo: int, hi: int, after, expand_after=None):
+    def _scores(self, q, k, seg, start: int, stop: int, lo: int, hi: int, after):
         """Masked, scaled float32 scores of rows [start, stop) against keys [lo, hi): (B, H, rows, keys).
-        Unchained, a block's (B, 1, rows, keys) mask bias is the same expression of the segment ids in the
-        forward and backward pass, and the compiler computes it once; its broadcast over the heads waits for
-        `expand_after` (the backward pass's incoming gradient), else the forward pass's broadcast would be kept
-        for the backward pass, one per layer. Chained, the mask waits for `after` (below) and is built per use,
-        so the masks of a long sequence are never alive together.
+        Unchained, a block's mask bias is the same expression of the segment ids in every layer and in the
+        backward pass, and the compiler computes it once per step; chained, it waits for `after` (below) and
+        is built per use, so the masks of a long sequence are never alive together.
 
         Computed only once `after` (the previous block's result) exists: left alone, the scheduler runs every
         block's first matmul up front and every block's transients are alive at once, so memory would grow
@@ -159,10 +157,7 @@ class _BlockedAttention(nn.Cell):
         if after is not None:  # the mask waits too: it depends on nothing else, so it would be built first
             q, seg = ops.depend(q, after), ops.depend(seg, after)
         scores = _BMM_NT(_f32(_span(q, start, stop)) * self.scale, _f32(_span(k, lo, hi)))
-        bias = _mask_bias(seg, start, stop, lo, hi, self.causal)
-        if expand_after is not None:
-            bias = ops.depend(bias, expand_after)
-        return scores + _expand(bias, scores)
+        return scores + _expand(_mask_bias(seg, start, stop, lo, hi, self.causal), scores)
 
     def _reach(self, reach) -> int:
         if self.reach or reach is None:
@@ -197,7 +192,7 @@ class _BlockedAttention(nn.Cell):
             after = dk if dq_blocks and chain else None
             if after is not None:  # every input of this block waits for the previous one (see `_scores`)
                 d_out, output, v_ones = (ops.depend(t, after) for t in (d_out, output, v_ones))
-            probs = _SOFTMAX(self._scores(q, kr, seg, start, stop, lo, hi, after, d_out))
+            probs = _SOFTMAX(self._scores(q, kr, seg, start, stop, lo, hi, after))
             grad_out = _span(d_out, start, stop)
             dv_block = _BMM_TN(probs, grad_out)  # (B, H, keys, D)
             delta = (grad_out * _f32(_span(output, start, stop))).sum(-1, keepdims=True)
