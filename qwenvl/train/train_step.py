@@ -103,13 +103,9 @@ class _SquaredSum(nn.Cell):
             if len(run) == 1:
                 total = total + _sum_of_squares(ops.depend(grads[run[0]], total))
             else:
-                pieces = [_f32(ops.depend(grads[i], total)).reshape(-1) for i in run]
+                pieces = [ops.cast(ops.depend(grads[i], total), ms.float32).reshape(-1) for i in run]
                 total = total + _sum_of_squares(ops.cat(pieces))
         return total
-
-
-def _f32(x):
-    return ops.cast(x, ms.float32) if x.dtype != ms.float32 else x
 
 
 class TrainStep:
