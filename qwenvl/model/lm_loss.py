@@ -2,13 +2,13 @@
 once they exceed CHUNK_VALUES (smaller ones take the plain loss: `ChunkedLossHead._loss`).
 
 Why: the (tokens x vocab) float32 logits are the largest tensor of a step (8192 tokens x 151936 = 5 GB, and
-autodiff would keep them and their gradient besides). Here the forward pass computes each chunk's logits,
-its log-sum-exp and the picked target logit, then drops them; the backward pass recomputes each chunk's
-logits from the hidden states and the head weight, turns them into the softmax gradient and multiplies it
-into the hidden-state and weight gradients. At most one chunk of logits exists at a time (the chunks are
-chained with `ops.depend`, and all have one size so MindSpore's memory pool reuses one block). The head
-weight is read as `MatrixLayer` reads it: as stored, or through its `WeightSource` (half precision on CPU,
-ZeRO-3 shards gathered).
+autodiff would keep them and their gradient besides). In training the forward pass computes each chunk's logits,
+their log-softmax, the chunk's loss and its logits gradient, and multiplies that into the hidden-state and head
+weight gradients at once; the backward pass only scales those two by the incoming gradient. At most one chunk of
+logits exists at a time (the chunks are chained with `ops.depend`, and all have one size so MindSpore's memory
+pool reuses one block), and none is computed twice. Evaluation computes the losses alone. The head weight is
+read as `MatrixLayer` reads it: as stored, or through its `WeightSource` (half precision on CPU, ZeRO-3 shards
+gathered).
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ def _padded_rows(rows: int, chunk: int) -> int:
     return -(-rows // chunk) * chunk
 
 
-def _row_weights(valid, d_loss, start: int, stop: int, like):
-    """(rows, like's width) weight of each row's loss: valid x the incoming gradient."""
-    return ops.broadcast_to((valid[start:stop] * d_loss).reshape(-1, 1), (stop - start, like.shape[-1]))
+def _row_weights(valid, start: int, stop: int, like):
+    """(rows, like's width) weight of each row's loss: 1.0 for a supervised row, 0.0 otherwise."""
+    return ops.broadcast_to(valid[start:stop].reshape(-1, 1), (stop - start, like.shape[-1]))
 
 
-class _ChunkedCrossEntropy(nn.Cell):
-    """(sum of -log softmax(h W^T)[target] over valid rows, count of valid rows) for 2-D h, with W read through
-    `source` (or as stored when it is None); `valid` is 1.0 / 0.0 per row."""
+class _ChunkedLoss(nn.Cell):
+    """The chunk loop shared by the two losses below: the head weight read through `source` (or as stored when it
+    is None), logits of rows [start, stop) chained after `after`."""
 
     def __init__(self, source: WeightSource | None, values: int) -> None:
         super().__init__()
@@ -77,61 +77,75 @@ class _ChunkedCrossEntropy(nn.Cell):
         rows = h[start:stop] if after is None else ops.depend(h, after)[start:stop]
         return ops.cast(MATMUL_NT(ops.cast(rows, w.dtype), w), ms.float32)
 
+    def _chunk_loss(self, log_p, target, valid, start: int, stop: int):
+        picked = ops.gather_elements(log_p, 1, target[start:stop].reshape(-1, 1)).reshape(-1)
+        return -(picked * valid[start:stop]).sum()
+
+
+class _ChunkedCrossEntropy(_ChunkedLoss):
+    """(sum of -log softmax(h W^T)[target] over valid rows, count of valid rows) for 2-D h; `valid` is 1.0 / 0.0
+    per row. Forward only: what evaluation runs (training takes `_ChunkedCrossEntropyWithGrads`)."""
+
     def construct(self, h, target, valid, stored):
         w = self._weight(stored, h, matmul_dtype(h.dtype))
         chunk = chunk_rows(h.shape[0], w.shape[0], self.values)
         total = None
         for start in range(0, h.shape[0], chunk):
-            logits = self._logits(h, w, start, start + chunk, total)
-            rows = target[start : start + chunk].reshape(-1, 1)
-            picked = ops.gather_elements(_LOG_SOFTMAX(logits), 1, rows).reshape(-1)
-            part = -(picked * valid[start : start + chunk]).sum()
+            log_p = _LOG_SOFTMAX(self._logits(h, w, start, start + chunk, total))
+            part = self._chunk_loss(log_p, target, valid, start, start + chunk)
             total = part if total is None else total + part
         return total, valid.sum()
 
-    def _d_logits(self, h, w, target, start: int, stop: int, after):
-        """Gradient of each row's loss w.r.t. the logits of rows [start, stop), recomputed: softmax - onehot.
-        The rows' weights (valid x incoming gradient) are applied to the (rows, hidden) factors instead."""
-        logits = self._logits(h, w, start, stop, after)
-        onehot = ops.one_hot(target[start:stop], w.shape[0], ops.ones((), ms.float32), ops.zeros((), ms.float32))
-        return _SOFTMAX(logits) - onehot
 
-    def bprop(self, h, target, valid, stored, out, dout):
-        d_loss = dout[0]
-        w = self._weight(stored, d_loss, matmul_dtype(h.dtype))
+class _ChunkedCrossEntropyWithGrads(_ChunkedLoss):
+    """The same loss for training, with its gradients computed in the same pass over the chunks (as Liger-Kernel's
+    fused linear cross-entropy does): (loss_sum, count, d loss_sum / d h, d loss_sum / d W) with W the full
+    head weight (a float32 scalar placeholder for a frozen head, which gets no weight gradient at all).
+
+    Each chunk's logits become its log-softmax, its loss and its logits gradient (softmax - onehot, rows weighted
+    by `valid`), which is multiplied into the hidden-state gradient and added into the weight gradient before the
+    next chunk's logits exist. The backward pass only scales the two by the incoming gradient: no chunk's logits
+    are computed twice (recomputing them in the backward pass cost a third of the head's matmuls, the largest of
+    a step at vocabulary 151936), and the head weight is not read (ZeRO-3: not gathered) a second time.
+    """
+
+    def __init__(self, source: WeightSource | None, values: int, trainable: bool) -> None:
+        super().__init__(source, values)
+        self.trainable = trainable
+
+    def construct(self, h, target, valid, stored):
+        w = self._weight(stored, h, matmul_dtype(h.dtype))
+        w32 = ops.cast(w, ms.float32)
         chunk = chunk_rows(h.shape[0], w.shape[0], self.values)
-        dh_chunks, dw_parts = [], []
+        total, dh_chunks, dw, after = None, [], ops.zeros((), ms.float32), None
         for start in range(0, h.shape[0], chunk):
             stop = start + chunk
-            d_logits = self._d_logits(h, w, target, start, stop, dh_chunks[-1] if dh_chunks else None)
-            dh = _MM_NN(d_logits, ops.cast(w, ms.float32))
-            dh_chunks.append(ops.cast(dh * _row_weights(valid, d_loss, start, stop, dh), h.dtype))
-            rows = ops.cast(h[start:stop], ms.float32)
-            part = _MM_TN(d_logits, rows * _row_weights(valid, d_loss, start, stop, rows))
-            dw_parts.append(part if not dw_parts else dw_parts[-1] + part)  # no zero-filled start
-        dw = dw_parts[-1]
-        dh = ops.cat(dh_chunks, 0)
+            log_p = _LOG_SOFTMAX(self._logits(h, w, start, stop, after))
+            part = self._chunk_loss(log_p, target, valid, start, stop)
+            total = part if total is None else total + part
+            onehot = ops.one_hot(target[start:stop], w.shape[0], ops.ones((), ms.float32), ops.zeros((), ms.float32))
+            d_logits = ops.exp(log_p) - onehot
+            dh = _MM_NN(d_logits, w32)
+            dh_chunks.append(dh * _row_weights(valid, start, stop, dh))
+            after = dh_chunks[-1]
+            if self.trainable:
+                rows = ops.cast(h[start:stop], ms.float32)
+                part_w = _MM_TN(d_logits, rows * _row_weights(valid, start, stop, rows))
+                dw = part_w if start == 0 else dw + part_w  # no zero-filled start
+                after = ops.depend(after, dw)  # this chunk's logits gradient is spent before the next logits exist
+        return total, valid.sum(), ops.cat(dh_chunks, 0), dw
+
+    def bprop(self, h, target, valid, stored, out, dout):
+        d_loss = dout[0]  # a 0-d tensor: the products below broadcast it without per-element index maps
+        dh = ops.cast(out[2] * d_loss, h.dtype)
+        if not self.trainable:
+            return dh, ops.zeros_like(target), ops.zeros_like(valid), ops.zeros((), stored.dtype)
+        dw = out[3] * d_loss
         if self.source is None:
             dw_stored = ops.cast(dw, stored.dtype).reshape(stored.shape)
         else:
             dw_stored = self.source.grad(ops.cast(dw, self.source.compute_dtype), stored)
         return ops.depend(dh, dw_stored), ops.zeros_like(target), ops.zeros_like(valid), dw_stored
-
-
-class _ChunkedCrossEntropyFrozenHead(_ChunkedCrossEntropy):
-    """The same loss for a frozen head: the backward pass computes no weight gradient at all."""
-
-    def bprop(self, h, target, valid, stored, out, dout):
-        d_loss = dout[0]
-        w = self._weight(stored, d_loss, matmul_dtype(h.dtype))
-        chunk = chunk_rows(h.shape[0], w.shape[0], self.values)
-        dh_chunks = []
-        for start in range(0, h.shape[0], chunk):
-            stop = start + chunk
-            d_logits = self._d_logits(h, w, target, start, stop, dh_chunks[-1] if dh_chunks else None)
-            dh = _MM_NN(d_logits, ops.cast(w, ms.float32))
-            dh_chunks.append(ops.cast(dh * _row_weights(valid, d_loss, start, stop, dh), h.dtype))
-        return ops.cat(dh_chunks, 0), ops.zeros_like(target), ops.zeros_like(valid), ops.zeros((), stored.dtype)
 
 
 class ChunkedLmLoss(nn.Cell):
@@ -142,7 +156,8 @@ class ChunkedLmLoss(nn.Cell):
     def __init__(self, source: WeightSource | None, trainable: bool, weight_shape: tuple[int, int],
                  values: int = CHUNK_VALUES) -> None:  # fmt: skip
         super().__init__()
-        self.core = (_ChunkedCrossEntropy if trainable else _ChunkedCrossEntropyFrozenHead)(source, values)
+        self.core = _ChunkedCrossEntropyWithGrads(source, values, trainable)
+        self.forward_only = _ChunkedCrossEntropy(source, values)
         self.weight_shape = tuple(weight_shape)
         self.values = int(values)
 
@@ -158,7 +173,10 @@ class ChunkedLmLoss(nn.Cell):
         valid = ops.cast(target != IGNORE_INDEX, ms.float32)
         if self.core.source is None and len(stored.shape) != 2:
             stored = stored.reshape(self.weight_shape)
-        return self.core(h, ops.maximum(target, 0), valid, stored)
+        if not self.training:
+            return self.forward_only(h, ops.maximum(target, 0), valid, stored)
+        loss_sum, count, _, _ = self.core(h, ops.maximum(target, 0), valid, stored)
+        return loss_sum, count
 
 
 def lm_loss_for(head: nn.Cell, values: int = CHUNK_VALUES) -> ChunkedLmLoss:
