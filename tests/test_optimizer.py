@@ -13,7 +13,7 @@ from mindspore import Parameter, Tensor
 from qwenvl.parallel.layout import ShardSpec
 from qwenvl.parallel.world import DataParallel
 from qwenvl.parallel.zero import ZeroConfig, ZeroPartition
-from qwenvl.train.optimizer import AdamW, OptimizerState, build_optimizer, save_optimizer_state
+from qwenvl.train.optimizer import LARGE_TENSOR, AdamW, OptimizerState, build_optimizer, save_optimizer_state
 from qwenvl.train.param_groups import ParamGroup
 
 BETAS = (0.9, 0.95)
@@ -34,10 +34,15 @@ def _grads(steps: int) -> list[dict[str, np.ndarray]]:
     return [{name: rng.normal(0, 1, shape).astype(np.float32) for name, shape in SHAPES.items()} for _ in range(steps)]
 
 
-def _optimizer(values: dict[str, np.ndarray], dtype=ms.float32) -> tuple[AdamW, dict[str, Parameter]]:
+# the two CPU kernels: FusedCastAdamWeightDecay for tensors under LARGE_TENSOR elements, the Adam kernel on moments
+# kept at running scales for larger float32 tensors (every tensor here with large_tensor=1)
+KERNELS = {"fused_cast": LARGE_TENSOR, "scaled_moments": 1}
+
+
+def _optimizer(values: dict[str, np.ndarray], dtype=ms.float32, large_tensor: int = LARGE_TENSOR):
     params = {name: Parameter(Tensor(value.copy(), dtype), name=name) for name, value in values.items()}
     groups = [ParamGroup(g, [params[n] for n in names], lr, wd) for g, names, lr, wd in GROUPS]
-    return AdamW(ZeroPartition.build(groups, DataParallel(), ZeroConfig()), BETAS, EPS), params
+    return AdamW(ZeroPartition.build(groups, DataParallel(), ZeroConfig()), BETAS, EPS, large_tensor), params
 
 
 def _torch_adamw(values, grads, factors, coefs, groups=GROUPS) -> dict[str, np.ndarray]:
@@ -75,9 +80,11 @@ def _assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], atol:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=atol, err_msg=name)
 
 
-def test_fused_adamw_matches_torch_formula_over_steps():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_adamw_matches_torch_formula_over_steps(kernel):
     init, grads = _initial(), _grads(len(LR_FACTORS))
-    opt, params = _optimizer(init)
+    opt, params = _optimizer(init, large_tensor=KERNELS[kernel])
+    assert opt.scaled == [kernel == "scaled_moments"] * len(SHAPES)
     for grad, factor, coef in zip(grads, LR_FACTORS, COEFS):
         _step(opt, grad, factor, coef)
     assert opt.step_count == len(LR_FACTORS)
@@ -125,21 +132,39 @@ def _saved(opt: AdamW, path) -> OptimizerState:
     return OptimizerState([path])
 
 
-def test_state_round_trip_continues_identically(tmp_path):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_state_round_trip_continues_identically(tmp_path, kernel):
     init, grads = _initial(), _grads(len(LR_FACTORS))
-    opt, params = _optimizer(init)
-    for grad, factor in zip(grads[:2], LR_FACTORS[:2]):
-        _step(opt, grad, factor)
+    opt, params = _optimizer(init, large_tensor=KERNELS[kernel])
+    for grad, factor, coef in zip(grads[:2], LR_FACTORS[:2], COEFS[:2]):
+        _step(opt, grad, factor, coef)
     state = _saved(opt, tmp_path / "optimizer-rank0.safetensors")
     assert state.world == 1 and int(state.scalar("step")) == 2
-    resumed, resumed_params = _optimizer(_values(params))
+    resumed, resumed_params = _optimizer(_values(params), large_tensor=KERNELS[kernel])
     resumed.load_state_dict(state)
-    for grad, factor in zip(grads[2:], LR_FACTORS[2:]):
-        _step(opt, grad, factor)
-        _step(resumed, grad, factor)
+    for grad, factor, coef in zip(grads[2:], LR_FACTORS[2:], COEFS[2:]):
+        _step(opt, grad, factor, coef)
+        _step(resumed, grad, factor, coef)
     for name, value in _values(params).items():
         np.testing.assert_array_equal(_values(resumed_params)[name], value, err_msg=name)
-    _assert_close(_values(resumed_params), _torch_adamw(init, grads, LR_FACTORS, [1.0] * len(LR_FACTORS)))
+    _assert_close(_values(resumed_params), _torch_adamw(init, grads, LR_FACTORS, COEFS))
+
+
+@pytest.mark.parametrize("saver,loader", [("scaled_moments", "fused_cast"), ("fused_cast", "scaled_moments")])
+def test_moments_carry_over_between_the_two_kernels(tmp_path, saver, loader):
+    """A state saved by one kernel resumes under the other (another size rule or dtype): moments saved at a scale
+    are multiplied out, true moments are taken at unit scale; the run continues on torch's trajectory."""
+    init, grads = _initial(), _grads(len(LR_FACTORS))
+    opt, params = _optimizer(init, large_tensor=KERNELS[saver])
+    for grad, factor, coef in zip(grads[:2], LR_FACTORS[:2], COEFS[:2]):
+        _step(opt, grad, factor, coef)
+    state = _saved(opt, tmp_path / "optimizer-rank0.safetensors")
+    assert state.has("exp_avg_scale.a.weight") == (saver == "scaled_moments")
+    resumed, resumed_params = _optimizer(_values(params), large_tensor=KERNELS[loader])
+    resumed.load_state_dict(state)
+    for grad, factor, coef in zip(grads[2:], LR_FACTORS[2:], COEFS[2:]):
+        _step(resumed, grad, factor, coef)
+    _assert_close(_values(resumed_params), _torch_adamw(init, grads, LR_FACTORS, COEFS))
 
 
 def test_chunks_saved_by_two_ranks_join_into_a_world_of_one(tmp_path):

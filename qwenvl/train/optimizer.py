@@ -1,11 +1,12 @@
 """AdamW with torch's maths as one fused in-place kernel per tensor, over float32 master copies ZeRO may shard.
 
-The update is `torch.optim.AdamW` (decoupled decay, bias correction), computed by MindSpore's fused
-`AdamWeightDecay` kernel, which updates weight and moments in place (no per-step temporaries beyond the
+The update is `torch.optim.AdamW` (decoupled decay, bias correction). On Ascend MindSpore's fused
+`AdamWeightDecay` kernel computes it, updating weight and moments in place (no per-step temporaries beyond the
 scaled gradient of the tensor being updated): with lr' = lr * sqrt(bc2) / bc1, eps' = eps * sqrt(bc2)
 and decay' = decay * bc1 / sqrt(bc2) its `w - lr' * (m / (sqrt(v) + eps') + decay' * w)` is exactly
 torch's `w * (1 - lr * decay) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. Gradient unscaling and
-clipping arrive as one coefficient multiplied into each gradient inside the same graph.
+clipping arrive as one coefficient multiplied into each gradient inside the same graph. On CPU two kernels
+take the coefficient without a scaled gradient tensor (`_FusedAdamW`, `_MomentScale`).
 
 Master weights: a float32 parameter that this rank updates whole is its own master. Otherwise (half
 precision weights, or ZeRO stages 1-3 where the rank updates a chunk of a replicated parameter) the
@@ -33,7 +34,10 @@ from qwenvl.train.param_groups import ParamGroup
 
 _ADAM = ops.AdamWeightDecay()
 _CAST_ADAM = FusedCastAdamWeightDecay()
+_CPU_ADAM = ops.Adam()
+_DECAY = ops.ApplyGradientDescent()
 MIN_INV_COEF = 1e-10  # FusedCastAdamWeightDecay replaces a smaller global_norm by 1
+LARGE_TENSOR = 2**18  # float32 tensors from this many elements take the scaled-moment Adam kernel on CPU
 
 
 def _owns_master(slot: Slot) -> bool:
@@ -44,29 +48,44 @@ def _owns_master(slot: Slot) -> bool:
 class _FusedAdamW(nn.Cell):
     """The compiled update: one AdamW kernel per tensor, in order, then the half-precision copies back.
 
-    On CPU the kernel is MindSpore's FusedCastAdamWeightDecay: it reads the gradient as it comes (float16 or
-    float32) and scales it by 1 / `inv_coef` element by element. AdamWeightDecay (elsewhere) needs the scaled
-    float32 gradient as a tensor: a temporary the size of each parameter, which at 120 M (a 311 MB embedding)
-    left MindSpore's CPU memory pool ~1 GB larger from the next forward/backward pass on (measured)."""
+    On CPU a tensor takes one of two MindSpore kernels, neither of which needs the scaled gradient as a tensor
+    (AdamWeightDecay, used elsewhere, does: a temporary the size of each parameter, which at 120 M (a 311 MB
+    embedding) left MindSpore's CPU memory pool ~1 GB larger from the next forward/backward pass on, measured):
 
-    def __init__(self, masters, exp_avgs, exp_avg_sqs, lrs, wds, copies, copy_index, betas, eps) -> None:
+    - FusedCastAdamWeightDecay reads the gradient as it comes (float16 or float32) and scales it by 1 / `inv_coef`
+      element by element, in one thread (~2.5 ns per element here);
+    - float32 tensors of LARGE_TENSOR elements or more (`scaled`) take the Adam kernel, multi-threaded and about
+      5x faster, after an in-place decoupled decay (ApplyGradientDescent of the weight by itself: w - lr wd w).
+      It has no gradient scale, so their moments are kept divided by running scales (`_MomentScale`).
+    """
+
+    def __init__(self, masters, exp_avgs, exp_avg_sqs, lrs, wds, copies, copy_index, betas, eps, scaled) -> None:
         super().__init__(auto_prefix=False)
         self.masters = ParameterTuple(masters)
         self.exp_avg = ParameterTuple(exp_avgs)
         self.exp_avg_sq = ParameterTuple(exp_avg_sqs)
         self.copies = ParameterTuple(copies)
         self.copy_index = tuple(copy_index)
-        self.lrs, self.wds = tuple(lrs), tuple(wds)
+        self.lrs, self.wds, self.scaled = tuple(lrs), tuple(wds), tuple(scaled)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
 
-    def construct(self, coef, inv_coef, lr_factor, bias_correction1, bias_correction2_sqrt, *grads):
+    def construct(self, coef, inv_coef, lr_factor, bias_correction1, bias_correction2_sqrt, scaled_step, scaled_beta1,
+                  scaled_beta2, scaled_eps, *grads):  # fmt: skip
         step = lr_factor * bias_correction2_sqrt / bias_correction1
         eps = self.eps * bias_correction2_sqrt
         decay = bias_correction1 / bias_correction2_sqrt
+        no_power = ops.zeros((), ms.float32)  # the Adam kernel's own bias correction off: it is in scaled_step
         token = coef
         for i in range(len(self.masters)):
             lr, wd = step * self.lrs[i], decay * self.wds[i]
-            if on_cpu():
+            if self.scaled[i]:
+                if self.wds[i]:
+                    token = _DECAY(self.masters[i], lr_factor * self.lrs[i] * self.wds[i],
+                                   ops.depend(self.masters[i], token))  # fmt: skip
+                token = _CPU_ADAM(self.masters[i], self.exp_avg[i], self.exp_avg_sq[i], no_power, no_power,
+                                  scaled_step * self.lrs[i], scaled_beta1, scaled_beta2, scaled_eps,
+                                  ops.depend(grads[i], token))[0]  # fmt: skip
+            elif on_cpu():
                 token = _CAST_ADAM(self.masters[i], self.exp_avg[i], self.exp_avg_sq[i], lr, self.beta1, self.beta2,
                                    eps, wd, ops.depend(grads[i], token), inv_coef)[0]  # fmt: skip
             else:  # each scaled gradient after the previous update: one temporary at a time, not one per tensor
@@ -77,6 +96,31 @@ class _FusedAdamW(nn.Cell):
             master = ops.depend(self.masters[self.copy_index[j]], token)
             token = ops.assign(self.copies[j], ops.cast(master, self.copies[j].dtype))
         return token
+
+
+class _MomentScale:
+    """The running scales of the moments the Adam kernel keeps for unscaled gradients.
+
+    torch's AdamW sees the gradient c_t g_t (c_t: unscaling x clipping, new every step): m_t = b1 m_{t-1} +
+    (1 - b1) c_t g_t, and v_t likewise with c_t^2 g_t^2. The kernel stores m~ = m / k and v~ = v / q with
+    k_t = b1 k_{t-1} + (1 - b1) c_t and q_t = b2 q_{t-1} + (1 - b2) c_t^2: then m~_t = b1' m~_{t-1} + (1 - b1') g_t
+    with b1' = b1 k_{t-1} / k_t (and v~ with b2' = b2 q_{t-1} / q_t), the kernel's own recurrence on g_t. The update
+    lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) is lr / bc1 * sqrt(bc2) * k / sqrt(q) * m~ / (sqrt(v~) + eps'), with
+    eps' = eps * sqrt(bc2) / sqrt(q): the kernel's form. The scales are exact host floats; no tensor is rescaled.
+    """
+
+    def __init__(self, betas: tuple[float, float]) -> None:
+        self.betas = betas
+        self.m, self.v = 0.0, 0.0
+
+    def advance(self, coef: float) -> tuple[float, float]:
+        """Move to the next step's scales; the kernel's (beta1, beta2) for it."""
+        beta1, beta2 = self.betas
+        m = beta1 * self.m + (1.0 - beta1) * coef
+        v = beta2 * self.v + (1.0 - beta2) * coef * coef
+        kernel_betas = (beta1 * self.m / m, beta2 * self.v / v)
+        self.m, self.v = m, v
+        return kernel_betas
 
 
 def _zeros(shape: tuple[int, ...], name: str) -> Parameter:
@@ -91,7 +135,8 @@ def _fp32_parameter(value: np.ndarray, name: str) -> Parameter:
 class AdamW:
     """`torch.optim.AdamW` over a partition's slots; `step(grads, coef, lr_factor)` with grads in slot order."""
 
-    def __init__(self, partition: ZeroPartition, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def __init__(self, partition: ZeroPartition, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 large_tensor: int = LARGE_TENSOR) -> None:  # fmt: skip
         self.partition = partition
         self.slots = partition.slots
         names = [slot.name for slot in self.slots]
@@ -113,8 +158,12 @@ class AdamW:
                 copy_index.append(index)
         self.exp_avg = [_zeros(s.local_shape, f"exp_avg.{s.name}") for s in self.slots]
         self.exp_avg_sq = [_zeros(s.local_shape, f"exp_avg_sq.{s.name}") for s in self.slots]
+        # by the whole tensor's size, so every rank of a ZeRO partition treats a tensor alike
+        self.scaled = [on_cpu() and s.param.dtype == ms.float32 and s.spec.numel >= large_tensor for s in self.slots]
+        self.moment_scale = _MomentScale(self.betas)
         self._kernel = _FusedAdamW(self.masters, self.exp_avg, self.exp_avg_sq, [s.lr for s in self.slots],
-                                   [s.weight_decay for s in self.slots], copies, copy_index, self.betas, self.eps)  # fmt: skip
+                                   [s.weight_decay for s in self.slots], copies, copy_index, self.betas, self.eps,
+                                   self.scaled)  # fmt: skip
         self._kernel_fn = ms.jit(self._kernel.construct)
 
     @property
@@ -131,7 +180,11 @@ class AdamW:
         bc2_sqrt = math.sqrt(1.0 - self.betas[1] ** self.step_count)
         if not MIN_INV_COEF <= 1.0 / coef:  # the CPU kernel takes a smaller inverse for 1 (no scaling)
             raise ValueError(f"gradient coefficient {coef} is too large for the fused update")
-        scalars = (coef, 1.0 / coef, lr_factor, bc1, bc2_sqrt)
+        scaled_beta1, scaled_beta2 = self.moment_scale.advance(coef)
+        root_v = math.sqrt(self.moment_scale.v)
+        scaled_step = lr_factor / bc1 * bc2_sqrt * self.moment_scale.m / root_v
+        scalars = (coef, 1.0 / coef, lr_factor, bc1, bc2_sqrt, scaled_step, scaled_beta1, scaled_beta2,
+                   self.eps * bc2_sqrt / root_v)  # fmt: skip
         # the gradients as separate inputs: cheaper to pass than a mutable tuple (~0.3 ms a call for 57 tensors)
         self._kernel_fn(*(Tensor(float(v), ms.float32) for v in scalars), *grads)
         self.partition.gather_parameters(self.masters)
@@ -143,11 +196,16 @@ class AdamW:
         return self.partition.partitioned or self.partition.dp.rank == 0
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """This rank's moments and separate masters (whole tensors, or chunks) and the layout metadata."""
+        """This rank's moments and separate masters (whole tensors, or chunks) and the layout metadata. Moments of
+        `scaled` tensors are saved as kept, with their scale (`exp_avg_scale.<name>`, `exp_avg_sq_scale.<name>`:
+        the moment is the tensor times it), so a resumed run continues bit for bit."""
         state = {"step": np.asarray(self.step_count, np.int64)}
-        for slot, master, m, v in zip(self.slots, self.masters, self.exp_avg, self.exp_avg_sq):
+        for slot, master, m, v, scaled in zip(self.slots, self.masters, self.exp_avg, self.exp_avg_sq, self.scaled):
             state[f"exp_avg.{slot.name}"] = m.asnumpy()
             state[f"exp_avg_sq.{slot.name}"] = v.asnumpy()
+            if scaled:
+                state[f"exp_avg_scale.{slot.name}"] = np.asarray(self.moment_scale.m, np.float64)
+                state[f"exp_avg_sq_scale.{slot.name}"] = np.asarray(self.moment_scale.v, np.float64)
             if master is not slot.param or slot.sharded:  # a ZeRO-3 chunk is saved as weights in the model dtype
                 state[f"master.{slot.name}"] = master.asnumpy()
         world = self.partition.dp.world_size if self.partition.partitioned else 1
@@ -156,13 +214,24 @@ class AdamW:
 
     def load_state_dict(self, state: "OptimizerState") -> None:
         """Moments (and masters where saved) from any layout: each tensor is rebuilt whole, then cut to this
-        rank's part, so a run resumes at another ZeRO stage or world size. A missing master is taken from the
-        (already loaded) weights."""
+        rank's part, so a run resumes at another ZeRO stage or world size (or tensor size rule: a moment saved
+        with a scale is multiplied out unless this optimizer keeps it at that same scale). A missing master is
+        taken from the (already loaded) weights."""
         self.step_count = int(state.scalar("step"))
-        for slot, master, m, v in zip(self.slots, self.masters, self.exp_avg, self.exp_avg_sq):
+        saved = [slot.name for slot in self.slots if state.has(f"exp_avg_scale.{slot.name}")]
+        scales = [float(state.scalar(f"{key}_scale.{saved[0]}")) for key in ("exp_avg", "exp_avg_sq")] if saved else []
+        # one scale for all of a file's scaled moments; none (or zero: saved before the first step) -> unit scale
+        self.moment_scale.m, self.moment_scale.v = scales if scales and min(scales) > 0 else (1.0, 1.0)
+        for slot, master, m, v, scaled in zip(self.slots, self.masters, self.exp_avg, self.exp_avg_sq, self.scaled):
             spec = slot.spec
-            for target, key in ((m, f"exp_avg.{slot.name}"), (v, f"exp_avg_sq.{slot.name}")):
-                target.set_data(Tensor(spec.take(state.full(key, spec)).reshape(target.shape), ms.float32))
+            for target, key, kept in ((m, "exp_avg", self.moment_scale.m), (v, "exp_avg_sq", self.moment_scale.v)):
+                value = spec.take(state.full(f"{key}.{slot.name}", spec))
+                scale_key = f"{key}_scale.{slot.name}"
+                scale = float(state.scalar(scale_key)) if state.has(scale_key) else 1.0
+                wanted = kept if scaled else 1.0
+                if scale != wanted:
+                    value = value * (scale / wanted)
+                target.set_data(Tensor(np.asarray(value, np.float32).reshape(target.shape), ms.float32))
             if (master is not slot.param or slot.sharded) and state.has(f"master.{slot.name}"):
                 value = spec.take(state.full(f"master.{slot.name}", spec)).reshape(master.shape)
                 master.set_data(Tensor(value, ms.float32))
