@@ -61,6 +61,8 @@ def test_accumulated_single_samples_equal_one_batch():
     model_b, step_b = trainer()
     micro = step_a.run([model_a.prepare_inputs(collate([s])) for s in data], 1.0)
     whole = step_b.run([model_b.prepare_inputs(collate(data))], 1.0)
+    # the toy's gradients are small: one micro-batch takes its norm from the backward graph, three the norm graph
+    assert step_b._squares_in_backward and step_a._norm_graphs and not step_b._norm_graphs
 
     per_sample = [forward_loss(collate([s])) for s in data]
     assert [n for _, n in per_sample] == [2, 5, 8]  # token weighting matters

@@ -26,7 +26,7 @@ from mindspore import Tensor, nn, ops
 from qwenvl.model.weight_ops import sync_trainable
 from qwenvl.train.graph_tracker import GraphTracker, signature
 from qwenvl.train.optimizer import AdamW, OptimizerState
-from qwenvl.train.tensor_runs import small_runs
+from qwenvl.train.tensor_runs import RUN_ELEMENTS, small_runs
 
 
 def seed_everything(seed: int) -> None:
@@ -133,14 +133,19 @@ class TrainStep:
         sync_trainable(model)
         grad_fn = ms.value_and_grad(_ScaledLoss(model), None, optimizer.parameters, has_aux=True)
         self._forward_backward = ms.jit(grad_fn)
-        squares = _SquaredSum([int(p.size) for p in optimizer.parameters])
+        sizes = [int(p.size) for p in optimizer.parameters]
+        squares = _SquaredSum(sizes)
 
         def with_squares(scale, *inputs):
             outputs, grads = grad_fn(scale, *inputs)
             return outputs, grads, squares(*grads)
 
         # a step whose gradients are final after one backward pass (one micro-batch, one rank) takes their sum of
-        # squares from the same graph: one compiled call less per step (~1.5 ms of the tiny model's ~20)
+        # squares from the same graph: one compiled call less per step (~1 ms of the tiny model's ~20). Only when
+        # every gradient is small (its squares at most one run's 1 MiB): a tensor-sized temporary there raised
+        # the forward/backward peak of issue 10's models by ~1 byte per parameter (measured), where the separate
+        # graph reuses memory the backward pass has freed
+        self._squares_in_backward = max(sizes, default=0) <= RUN_ELEMENTS
         self._forward_backward_squares = ms.jit(with_squares)
         self.graphs = GraphTracker()  # one compiled forward/backward graph per input signature
         self._norm_graphs: dict[tuple[int, ...], Callable] = {}
@@ -173,7 +178,8 @@ class TrainStep:
             raise ValueError("a step needs at least one micro-batch")
         scale = self.loss_scale.scale if self.loss_scale else 1.0
         grads, losses, counts, squares = None, [], [], None
-        final = len(micro_batches) == 1 and self.dp.world_size == 1  # the backward pass's gradients are the step's
+        # the backward pass's gradients are the step's
+        final = self._squares_in_backward and len(micro_batches) == 1 and self.dp.world_size == 1
         for index, inputs in enumerate(micro_batches):
             if self.before_micro_batch is not None:
                 self.before_micro_batch(index)
