@@ -24,10 +24,9 @@ from qwenvl.model.weight_ops import MATMUL_NT, WeightSource, matmul_dtype
 CHUNK_VALUES = 2**27  # logits per chunk (512 MiB in float32)
 _MM_NN = ops.MatMul()
 _MM_TN = ops.MatMul(transpose_a=True)
-# the fused kernels: on CPU several times faster than max, subtract, exp and sum as separate ops, each of which
+# the fused kernel: on CPU several times faster than max, subtract, exp and sum as separate ops, each of which
 # would also broadcast a (rows, 1) column to (rows, vocab)
 _LOG_SOFTMAX = ops.LogSoftmax(-1)
-_SOFTMAX = ops.Softmax(-1)
 
 
 @constexpr

@@ -157,20 +157,22 @@ class TrainStep:
         last = max(self._input_names.index(name) for name in inputs)
         return [inputs.get(name) for name in self._input_names[: last + 1]]
 
-    def forward_backward(self, inputs: dict[str, Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        """(loss_sum, n_tokens, grads of scale * loss_sum) for one micro-batch, compiled (timed per signature)."""
+    def _compiled_pass(self, compiled: Callable, inputs: dict[str, Tensor], scale: float) -> tuple:
+        """One compiled forward/backward graph on a micro-batch, timed per input signature."""
         values = self.positional(inputs)
         start = time.perf_counter()
-        (_, loss_sum, n_tokens), grads = self._forward_backward(Tensor(scale, ms.float32), *values)
+        result = compiled(Tensor(scale, ms.float32), *values)
         self.graphs.observe(signature(self._input_names, values), time.perf_counter() - start)
+        return result
+
+    def forward_backward(self, inputs: dict[str, Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """(loss_sum, n_tokens, grads of scale * loss_sum) for one micro-batch, compiled (timed per signature)."""
+        (_, loss_sum, n_tokens), grads = self._compiled_pass(self._forward_backward, inputs, scale)
         return loss_sum, n_tokens, grads
 
     def _forward_backward_with_squares(self, inputs: dict[str, Tensor], scale: float) -> tuple:
         """`forward_backward` and the gradients' sum of squares, from one compiled graph."""
-        values = self.positional(inputs)
-        start = time.perf_counter()
-        (_, loss_sum, n_tokens), grads, squares = self._forward_backward_squares(Tensor(scale, ms.float32), *values)
-        self.graphs.observe(signature(self._input_names, values), time.perf_counter() - start)
+        (_, loss_sum, n_tokens), grads, squares = self._compiled_pass(self._forward_backward_squares, inputs, scale)
         return loss_sum, n_tokens, grads, float(squares)
 
     def run(self, micro_batches: Sequence[dict[str, Tensor]], lr_factor: float) -> StepMetrics:
