@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from torch_memory import marginal_bytes_per_param  # noqa: E402
-from torch_reference import resolve_torch_python, torch_command  # noqa: E402
+from torch_reference import resolve_torch_python  # noqa: E402
 from workloads import (  # noqa: E402
     QWEN_IDS,
     check_vision_grads,
@@ -129,3 +129,24 @@ def test_vs_torch_quick_run_checks_losses_and_vision_gradients(tmp_path, torch_p
     assert not torch_["qwenvl_imported"] and torch_["params"] == stored_parameters(next(tmp_path.glob("tiny-*")))
     assert native["vision_grads"]["zero"] == [] and torch_["vision_grads0"]["zero"] == []
     assert "| tiny, image448 |" in proc.stdout
+
+
+def test_graph_memory_programs_are_valid_python():
+    import graph_memory
+
+    for op in graph_memory.OPS:
+        source = graph_memory.generated_source(op, 3)
+        compile(source, f"<{op}>", "exec")
+        body = source.split("def construct(self, x, w, c, s):")[-1]
+        assert body.count(graph_memory.OPS[op].splitlines()[0]) == 3, op
+
+
+@pytest.mark.slow
+def test_graph_memory_shows_a_python_loop_costing_more_than_straight_code():
+    import graph_memory
+
+    # the statement of `mul` once per copy, either written out or inside a one-step `for` loop (MindSpore
+    # unrolls the loop into graphs of its own): the loop keeps several times the host memory per copy
+    result = graph_memory.measure_ops(["mul", "mul_in_for_loop"])
+    straight, looped = result["mul"]["kb_per_copy"], result["mul_in_for_loop"]["kb_per_copy"]
+    assert straight > 0 and looped > 2 * straight, result
