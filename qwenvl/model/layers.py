@@ -28,7 +28,7 @@ from mindspore.common.initializer import initializer
 from qwenvl.constants import IGNORE_INDEX
 from qwenvl.model.device import on_ascend, on_cpu
 from qwenvl.model.tensor_ops import unsqueeze
-from qwenvl.model.weight_ops import MATMUL_NT, HalfOnCPU, Lookup, MatmulNT, WeightSource, attach_sources
+from qwenvl.model.weight_ops import MATMUL_NT, HalfOnCPU, Lookup, MatmulNT, WeightSource, attach_sources, shared_op
 
 DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
 
@@ -128,7 +128,7 @@ class MatrixLayer(nn.Cell):
 
     def use_source(self, source: WeightSource, name: str = "weight") -> None:
         self.source = source
-        self.op = MatmulNT(source)
+        self.op = shared_op(MatmulNT, source)
 
     def source_of(self, name: str = "weight") -> WeightSource | None:
         return self.source
@@ -173,7 +173,7 @@ class Embedding(nn.Cell):
 
     def use_source(self, source: WeightSource, name: str = "weight") -> None:
         self.source = source
-        self.op = Lookup(source)
+        self.op = shared_op(Lookup, source)
 
     def source_of(self, name: str = "weight") -> WeightSource | None:
         return self.source

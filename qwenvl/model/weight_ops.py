@@ -47,6 +47,14 @@ class WeightSource(nn.Cell):
     def grad(self, dw, stored):
         raise NotImplementedError
 
+    def config(self) -> tuple:
+        """What decides `full` and `grad`: sources with equal configs compute the same things."""
+        return (type(self), self.shape, self.compute_dtype, self.trainable)
+
+    def twin(self) -> "WeightSource":
+        """A new source of the same config (`shared_op`'s own, which no later `sync_trainable` changes)."""
+        raise NotImplementedError
+
 
 class HalfOnCPU(WeightSource):
     """A half-precision weight multiplied in float32 on CPU. MindSpore 2.7's CPU MatMul does take float16, but
@@ -58,6 +66,9 @@ class HalfOnCPU(WeightSource):
 
     def grad(self, dw, stored):
         return ops.cast(dw, stored.dtype).reshape(stored.shape)
+
+    def twin(self) -> "HalfOnCPU":
+        return HalfOnCPU(self.shape, self.compute_dtype)
 
 
 @constexpr
@@ -127,6 +138,24 @@ class Lookup(nn.Cell):
         return ops.zeros_like(ids), self.source.grad(dw, stored)
 
 
+_SHARED_OPS: dict[tuple, nn.Cell] = {}
+
+
+def shared_op(op_class: type, source: WeightSource) -> nn.Cell:
+    """The `op_class(source)` cell for weights whose sources have `source`'s config: one instance for all of them.
+
+    Why: MindSpore compiles a cell's hand-written backward pass once per cell instance and keeps every copy with
+    the compiled graph, so one op per layer weight cost about 1 MiB of host memory each (7 per decoder layer);
+    instances are shared per config instead (`bench/graph_memory.py`). The op gets a twin of the source with
+    the same trainability, so a later `sync_trainable` on one weight never changes what another computes."""
+    key = (op_class, source.config())
+    if key not in _SHARED_OPS:
+        twin = source.twin()
+        twin.trainable = source.trainable
+        _SHARED_OPS[key] = op_class(twin)
+    return _SHARED_OPS[key]
+
+
 def sourced_weights(model: nn.Cell) -> list[tuple[nn.Cell, str]]:
     """(layer, attribute) of every weight a layer of `model` can read through a source, each layer once.
 
@@ -157,7 +186,9 @@ def sync_trainable(model: nn.Cell) -> None:
     """Copy each sourced weight's `requires_grad` into its source before a training step compiles, and build the
     model's chunked loss for them (`lm_loss.ChunkedLossHead.prepare_loss`)."""
     for cell, name in sourced_weights(model):
-        if cell.source_of(name) is not None:
-            cell.source_of(name).trainable = bool(getattr(cell, name).requires_grad)
+        source = cell.source_of(name)
+        if source is not None:
+            source.trainable = bool(getattr(cell, name).requires_grad)
+            cell.use_source(source, name)  # the op of the source's config as it is now
     if hasattr(model, "prepare_loss"):
         model.prepare_loss()

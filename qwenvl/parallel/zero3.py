@@ -32,6 +32,7 @@ class ShardedWeight(WeightSource):
 
     def __init__(self, shape: tuple[int, ...], spec: ShardSpec, compute_dtype: ms.Type) -> None:
         super().__init__(shape, compute_dtype)
+        self.spec = spec
         self.numel = spec.numel
         self.padding = spec.padded - spec.numel
         self.world = spec.world
@@ -49,6 +50,12 @@ class ShardedWeight(WeightSource):
         if self.padding:
             flat = ops.cat((flat, ops.zeros(self.padding, flat.dtype)))
         return reduce_scatter_in_graph(flat, self.world, self.rank_index)
+
+    def config(self) -> tuple:
+        return super().config() + (self.spec,)
+
+    def twin(self) -> "ShardedWeight":
+        return ShardedWeight(self.shape, self.spec, self.compute_dtype)
 
 
 @dataclass(frozen=True)
