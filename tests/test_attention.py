@@ -183,3 +183,28 @@ def test_model_inputs_are_linear_in_the_sequence(tiny_model_factory):
     inputs = model.prepare_inputs(batch)
     assert max(int(np.prod(t.shape)) for t in inputs.values()) <= 3 * length
     assert inputs["text_segments"].asnumpy()[0, [0, 499, 500, 1199, 1200, 2047]].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_layers_of_one_configuration_share_one_core_and_block_sizes_swap_cores():
+    from qwenvl.model import build_empty
+    from tests.attention_blocks import query_blocks
+    from tools.make_tiny_model import tiny_config
+
+    ids = {"image_token_id": 60, "video_token_id": 61, "vision_start_token_id": 62, "vision_end_token_id": 63,
+           "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "vocab_size": 64}  # fmt: skip
+    config = tiny_config("qwen2.5vl", ids)
+    config["num_hidden_layers"], config["vision_config"]["depth"] = 3, 4  # blocks 1 and 3: full attention
+    config["vision_config"]["fullatt_block_indexes"] = [1, 3]
+    model, other = build_empty(config), build_empty(config)
+    text = [layer.self_attn.attn.core for layer in model.model.language_model.layers]
+    vision = [block.attn.attn.core for block in model.model.visual.blocks]
+    # one core per configuration: causal text; windowed vision blocks (0, 2); full-attention ones (1, 3)
+    assert all(core is text[0] for core in text) and text[0].causal
+    assert vision[0] is vision[2] and vision[1] is vision[3] and vision[0] is not vision[1]
+    assert vision[0].reach > 0 and vision[1].reach == 0 and not vision[0].causal
+    assert other.model.language_model.layers[0].self_attn.attn.core is text[0]
+    with query_blocks(model, 4):
+        inside = [layer.self_attn.attn.core for layer in model.model.language_model.layers]
+        assert all(core is inside[0] and core.block == 4 for core in inside)
+        assert text[0].block == attention.QUERY_BLOCK  # swapped, not changed: the other model keeps 512
+    assert [layer.self_attn.attn.core for layer in model.model.language_model.layers] == text
