@@ -29,7 +29,7 @@ from qwenvl.model.attention import (
 from qwenvl.model.expert_ops import AscendGroupedKernels, ExpertsMatmul, GroupedMatmul
 from qwenvl.model.lm_loss import ChunkedLossHead
 from qwenvl.model.tensor_ops import unsqueeze
-from qwenvl.model.weight_ops import WeightSource
+from qwenvl.model.weight_ops import WeightSource, shared_op
 from qwenvl.model.layers import (
     Embedding,
     LayerNorm,
@@ -306,7 +306,7 @@ class Qwen3VLMoeTextExperts(nn.Cell):
     def _build_ops(self) -> None:
         for name, prefix in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
             if name in self.sources:
-                setattr(self, f"{prefix}_dense", ExpertsMatmul(self.sources[name]))
+                setattr(self, f"{prefix}_dense", shared_op(ExpertsMatmul, self.sources[name]))
                 setattr(self, f"{prefix}_grouped", GroupedMatmul(self.sources[name], self.grouped))
 
     def construct(self, x, top_weight, top_index):
