@@ -126,7 +126,8 @@ def layers_child(layers: int, precompile: bool, dtype: str) -> dict:
 def generated_source(op: str, copies: int) -> str:
     """A module whose `Net.construct(x, w, c, s)` applies `OPS[op]` to x `copies` times and returns its sum."""
     statement = "\n        ".join([OPS[op]] * copies)
-    return f"{PREAMBLE}\n\nclass Net(nn.Cell):\n    def construct(self, x, w, c, s):\n        {statement}\n        return x.sum()\n"
+    net = f"class Net(nn.Cell):\n    def construct(self, x, w, c, s):\n        {statement}\n        return x.sum()\n"
+    return f"{PREAMBLE}\n\n{net}"
 
 
 def ops_child(op: str, copies: int) -> dict:

@@ -49,6 +49,7 @@ from qwenvl.model.layers import (
     matmul,
     on_ascend,
     parameter_dtype,
+    rotated_heads,
     use_half_precision_on_cpu,
     set_recompute,
     vision_rope_cos_sin,
@@ -118,13 +119,18 @@ class Qwen3VLVisionAttention(nn.Cell):
         self.attn = SegmentAttention(self.head_dim**-0.5, causal=False)
 
     def construct(self, x, segments, cos, sin, lengths=None, reach=None):
-        n = x.shape[0]
-        qkv = self.qkv(x).reshape(n, 3, self.heads, self.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (N, heads, head_dim)
-        q = swap_middle_axes(unsqueeze(apply_rotary(q, cos, sin), 0))
-        k = swap_middle_axes(unsqueeze(apply_rotary(k, cos, sin), 0))
-        v = swap_middle_axes(unsqueeze(v, 0))
+        q, k, v = _vision_heads(self.qkv(x), cos, sin, self.heads, self.head_dim)
         return self.proj(self.attn(q, k, v, segments, lengths, reach)[0])
+
+
+def _vision_heads(qkv, cos, sin, heads: int, head_dim: int):
+    """(N, 3 * dim) -> q, k, v (1, heads, N, head_dim), q and k rotated; a function for the reason
+    `layers.rotated_heads` gives."""
+    qkv = qkv.reshape(qkv.shape[0], 3, heads, head_dim)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (N, heads, head_dim)
+    q = swap_middle_axes(unsqueeze(apply_rotary(q, cos, sin), 0))
+    k = swap_middle_axes(unsqueeze(apply_rotary(k, cos, sin), 0))
+    return q, k, swap_middle_axes(unsqueeze(v, 0))
 
 
 class Qwen3VLVisionMLP(nn.Cell):
@@ -244,10 +250,9 @@ class Qwen3VLTextAttention(nn.Cell):
 
     def construct(self, x, segments, cos, sin, lengths=None):
         b, length, _ = x.shape
-        q = swap_middle_axes(self.q_norm(self.q_proj(x).reshape(b, length, self.heads, self.head_dim)))
-        k = swap_middle_axes(self.k_norm(self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim)))
-        v = swap_middle_axes(self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = self.q_norm(self.q_proj(x).reshape(b, length, self.heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim))
+        q, k, v = rotated_heads(q, k, self.v_proj(x), cos, sin, self.head_dim)
         return self.o_proj(self.attn(q, k, v, segments, lengths))
 
 
