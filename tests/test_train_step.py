@@ -13,6 +13,7 @@ import pytest
 from mindspore import ops
 
 from qwenvl.constants import IGNORE_INDEX
+from qwenvl.train.host_squares import host_squared_sum
 from qwenvl.train.optimizer import OptimizerState, build_optimizer, save_optimizer_state
 from qwenvl.train.param_groups import ParamGroup
 from qwenvl.train.train_step import DynamicLossScale, TrainStep, seed_everything
@@ -55,14 +56,19 @@ def forward_loss(batch: dict[str, np.ndarray]) -> tuple[float, float]:
     return float(loss_sum), float(n_tokens)
 
 
-def test_accumulated_single_samples_equal_one_batch():
+def test_accumulated_single_samples_equal_one_batch(monkeypatch):
+    from qwenvl.train import train_step
+
     data = samples()
     model_a, step_a = trainer()
     model_b, step_b = trainer()
+    host_sums = []
+    monkeypatch.setattr(train_step, "host_squared_sum", lambda g: host_sums.append(len(g)) or host_squared_sum(g))
     micro = step_a.run([model_a.prepare_inputs(collate([s])) for s in data], 1.0)
+    assert len(host_sums) == 1  # three micro-batches: the summed gradients' squares, read in place on CPU
     whole = step_b.run([model_b.prepare_inputs(collate(data))], 1.0)
-    # the toy's gradients are small: one micro-batch takes its norm from the backward graph, three the norm graph
-    assert step_b._squares_in_backward and step_a._norm_graphs and not step_b._norm_graphs
+    # the toy's gradients are small: one micro-batch takes its norm from the backward graph
+    assert step_b._squares_in_backward and len(host_sums) == 1 and not step_a._norm_graphs
 
     per_sample = [forward_loss(collate([s])) for s in data]
     assert [n for _, n in per_sample] == [2, 5, 8]  # token weighting matters

@@ -23,8 +23,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from qwenvl.model.device import on_cpu
 from qwenvl.model.weight_ops import sync_trainable
 from qwenvl.train.graph_tracker import GraphTracker, signature
+from qwenvl.train.host_squares import host_squared_sum
 from qwenvl.train.optimizer import AdamW, OptimizerState
 from qwenvl.train.tensor_runs import RUN_ELEMENTS, small_runs
 
@@ -215,6 +217,8 @@ class TrainStep:
         return StepMetrics(loss, norm, int(n_tokens), False, self._current_scale())
 
     def _squared_sum(self, grads: Sequence[Tensor]) -> float:
+        if on_cpu():  # read in place: the compiled graph's squares would stay in the memory pool (`host_squares`)
+            return host_squared_sum(grads)
         sizes = tuple(int(g.size) for g in grads)
         if sizes not in self._norm_graphs:  # one per gradient layout (fixed for a run)
             self._norm_graphs[sizes] = ms.jit(_SquaredSum(sizes).construct)
