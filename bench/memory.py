@@ -261,8 +261,11 @@ def report(results: dict) -> None:
         if points and longer and "error" not in longer:
             tokens = longer["tokens"] - points[0]["tokens"]
             per_token = (longer["peak_mib"] - points[0]["peak_mib"]) * 2**20 / tokens
-            print(f"  {per_token / 1024:.0f} KiB per token ({points[0]['tokens']} -> {longer['tokens']} tokens, "
-                  f"{points[0]['size']})")  # fmt: skip
+            where = f"({points[0]['tokens']} -> {longer['tokens']} tokens, {points[0]['size']})"
+            if per_token > 0:
+                print(f"  {per_token / 1024:.0f} KiB per token {where}")
+            else:  # e.g. ZeRO's gradient buckets or optimizer phase set both peaks
+                print(f"  per token: not measurable {where}: the peak is set by a phase the tokens do not change")
         print()
     torch = results.get("torch")
     if torch:

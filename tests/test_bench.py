@@ -102,6 +102,13 @@ def test_memory_report_slices_the_compiled_graph_out_of_the_slope(capsys):
     # by hand: 1000 MiB over 1e8 parameters is 10.49 B/param, of which 50 MiB (0.52) the compiled graph
     assert "marginal 10.5 bytes/param" in out
     assert "compiled graph's host memory 0.5 bytes/param" in out and "without it 10.0 bytes/param" in out
+    # bytes per token from the longer batch on the smallest size: 512 tokens, +64 MiB -> 256 KiB per token
+    longer = {"peak_mib": 1064.0, "tokens": 512}
+    memory.report({"workload": "text256", "sizes": ["a", "b"], "modes": {"fp32": {"points": points, "longer": longer}}})
+    assert "256 KiB per token (256 -> 512 tokens, a)" in capsys.readouterr().out
+    longer = {"peak_mib": 999.0, "tokens": 512}  # a token-independent phase set both peaks
+    memory.report({"workload": "text256", "sizes": ["a", "b"], "modes": {"fp32": {"points": points, "longer": longer}}})
+    assert "per token: not measurable (256 -> 512 tokens, a)" in capsys.readouterr().out
 
 
 def test_vs_torch_without_torch_says_not_measured(tmp_path):

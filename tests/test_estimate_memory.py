@@ -22,12 +22,12 @@ IDS = {"vocab_size": 300, "image_token_id": 5, "video_token_id": 6, "vision_star
 # Recorded measurements (peak RSS, MiB, max over ranks and phases) of
 #   GLOG_v=3 python bench/memory.py --modes fp32,zero2_fp16,zero3_fp16,lora_fp16 --sizes mem109m,mem163m \
 #       --steps 2 --workload text256 --token_workload text512
-# on the 2-core CPU machine, MindSpore 2.7.0 (256 text tokens, batch 1), at 93fa995 (BENCHMARKS.md).
+# on the 2-core CPU machine, MindSpore 2.7.0 (256 text tokens, batch 1), at 695533d (BENCHMARKS.md).
 MEASURED = {
-    ("fp32", "mem109m"): 2644, ("fp32", "mem163m"): 3617,
-    ("zero2_fp16", "mem109m"): 2953, ("zero2_fp16", "mem163m"): 3731,
-    ("zero3_fp16", "mem109m"): 2180, ("zero3_fp16", "mem163m"): 2885,
-    ("lora_fp16", "mem109m"): 1230, ("lora_fp16", "mem163m"): 1684,
+    ("fp32", "mem109m"): 2480, ("fp32", "mem163m"): 3374,
+    ("zero2_fp16", "mem109m"): 2900, ("zero2_fp16", "mem163m"): 3563,
+    ("zero3_fp16", "mem109m"): 2154, ("zero3_fp16", "mem163m"): 2665,
+    ("lora_fp16", "mem109m"): 1186, ("lora_fp16", "mem163m"): 1485,
 }  # fmt: skip
 MODES = {  # bench/memory.py MODES
     "fp32": dict(world=1, stage=0, dtype="fp32", tune_vision=True),
