@@ -6,7 +6,7 @@ from __future__ import annotations
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from qwenvl.runtime import graph_mode
 from qwenvl.train.host_squares import host_squared_sum, host_view
@@ -43,6 +43,17 @@ def test_equals_the_compiled_norm_graph_of_other_devices():
     with graph_mode():
         compiled = float(ms.jit(_SquaredSum([a.size for a in arrays]).construct)(*tensors))
     assert host_squared_sum(tensors) == pytest.approx(compiled, rel=1e-6)
+
+
+def test_views_are_read_from_their_own_offset():
+    """Slices and split pieces (the ZeRO collectives' outputs) share their base's memory at an offset."""
+    base = _graph_outputs([np.arange(24, dtype=np.float32)])[0]  # 0, 2, 4, ..., 46
+    views = [base[3:6], ops.split(base, [8, 16])[1], base.reshape(4, 6)[2], base.reshape(4, 6)[:, 1]]
+    expected = [np.arange(24, dtype=np.float64)[sel] * 2 for sel in (slice(3, 6), slice(8, 24), slice(12, 18),
+                                                                       slice(1, 24, 6))]  # fmt: skip
+    for view, want in zip(views, expected):
+        np.testing.assert_array_equal(host_view(view), want)
+    assert host_squared_sum(views) == sum(float((w**2).sum()) for w in expected)
 
 
 def test_empty_tensor_counts_zero():
