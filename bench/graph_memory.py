@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from child_process import run_child  # noqa: E402
+from torch_memory import marginal_bytes_per_param  # noqa: E402
 
 OPS = {  # name: (statement applied to x (4, 64) K times, in straight-line code unless noted)
     "reshape": "x = x.reshape(64, 4).reshape(4, 64)",
@@ -155,10 +156,9 @@ def ops_child(op: str, copies: int) -> dict:
     return {"op": op, "copies": copies, "kept_mib": _kept_mib(lambda: step(*values))}
 
 
-def _slope(xs: list[float], ys: list[float]) -> float:
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+def _bytes_per_unit(xs: list[float], kept_mib: list[float]) -> float:
+    """Least-squares slope of the kept memory, in bytes per unit of x (layers, copies)."""
+    return marginal_bytes_per_param([{"params": x, "peak_rss_mib": y} for x, y in zip(xs, kept_mib)])
 
 
 def _child(argv: list[str]) -> dict:
@@ -174,7 +174,7 @@ def measure_layers(counts: list[int], dtype: str) -> dict:
         key = "frontend" if precompile else "compiled_and_run"
         out[key] = {"error": failed[0]} if failed else {
             "kept_mib": [p["kept_mib"] for p in points],
-            "mib_per_layer": _slope([float(n) for n in counts], [p["kept_mib"] for p in points])}
+            "mib_per_layer": _bytes_per_unit(counts, [p["kept_mib"] for p in points]) / 2**20}
     return out
 
 
@@ -184,7 +184,7 @@ def measure_ops(names: list[str]) -> dict:
         points = [_child(["ops", op, str(k)]) for k in OP_COPIES]
         failed = [p["error"] for p in points if "error" in p]
         out[op] = {"error": failed[0]} if failed else {
-            "kb_per_copy": _slope([float(k) for k in OP_COPIES], [p["kept_mib"] for p in points]) * 1024}
+            "kb_per_copy": _bytes_per_unit(list(OP_COPIES), [p["kept_mib"] for p in points]) / 1024}
     return out
 
 

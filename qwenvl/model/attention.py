@@ -19,6 +19,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.ops import constexpr
 
 from qwenvl.model.device import on_ascend
+from qwenvl.model.shared_cells import shared_cell
 from qwenvl.model.tensor_ops import unsqueeze
 
 NEG_INF = -1e9
@@ -218,20 +219,10 @@ class _BlockedAttention(nn.Cell):
                 None if reach is None else ops.zeros_like(reach))
 
 
-_SHARED_CORES: dict[tuple[float, bool, int, int], _BlockedAttention] = {}
-
-
 def shared_blocked_attention(scale: float, causal: bool, reach: int = 0, block: int = QUERY_BLOCK) -> _BlockedAttention:
-    """One `_BlockedAttention` per configuration, used by every layer that has it; never changed once made
-    (swap a layer's `core` for another configuration's instead).
-
-    Why: MindSpore compiles a cell's hand-written backward pass once per cell instance and keeps every copy for
-    the life of the compiled graph; one instance per layer kept ~13 MiB of host memory per decoder layer at 256
-    tokens, one shared instance ~1 MiB (`bench/graph_memory.py`)."""
-    key = (float(scale), bool(causal), int(reach), int(block))
-    if key not in _SHARED_CORES:
-        _SHARED_CORES[key] = _BlockedAttention(key[0], key[1], block=key[3], reach=key[2])
-    return _SHARED_CORES[key]
+    """The `_BlockedAttention` of this configuration, shared by every layer that has it (`shared_cells`)."""
+    key = (_BlockedAttention, float(scale), bool(causal), int(reach), int(block))
+    return shared_cell(key, lambda: _BlockedAttention(float(scale), bool(causal), block=int(block), reach=int(reach)))
 
 
 class SegmentAttention(nn.Cell):

@@ -22,6 +22,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops import constexpr
 
+from qwenvl.model.shared_cells import shared_cell
+
 MATMUL_NT = ops.MatMul(transpose_b=True)
 _MM_NN = ops.MatMul()
 _MM_TN = ops.MatMul(transpose_a=True)
@@ -138,22 +140,17 @@ class Lookup(nn.Cell):
         return ops.zeros_like(ids), self.source.grad(dw, stored)
 
 
-_SHARED_OPS: dict[tuple, nn.Cell] = {}
-
-
 def shared_op(op_class: type, source: WeightSource) -> nn.Cell:
-    """The `op_class(source)` cell for weights whose sources have `source`'s config: one instance for all of them.
+    """The `op_class(source)` cell for weights whose sources have `source`'s config, one for all of them
+    (`shared_cells`). It gets a twin of the source with the same trainability, so a later `sync_trainable` on one
+    weight never changes what another computes."""
 
-    Why: MindSpore compiles a cell's hand-written backward pass once per cell instance and keeps every copy with
-    the compiled graph, so one op per layer weight cost about 1 MiB of host memory each (7 per decoder layer);
-    instances are shared per config instead (`bench/graph_memory.py`). The op gets a twin of the source with
-    the same trainability, so a later `sync_trainable` on one weight never changes what another computes."""
-    key = (op_class, source.config())
-    if key not in _SHARED_OPS:
+    def make() -> nn.Cell:
         twin = source.twin()
         twin.trainable = source.trainable
-        _SHARED_OPS[key] = op_class(twin)
-    return _SHARED_OPS[key]
+        return op_class(twin)
+
+    return shared_cell((op_class, source.config()), make)
 
 
 def sourced_weights(model: nn.Cell) -> list[tuple[nn.Cell, str]]:
