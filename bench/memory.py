@@ -5,6 +5,7 @@ beside the ideal of each mode and, for float32, transformers + torch on the same
     GLOG_v=3 python bench/memory.py --modes fp32 --torch_python ~/.venvs/torch-ref/bin/python
     GLOG_v=3 python bench/memory.py --stability_steps 200             # peak after step 10 vs after step 200
     GLOG_v=3 python bench/memory.py --sizes width768,width1024,width1280  # one depth, widths varied
+    GLOG_v=3 python bench/memory.py --layer_by_layer                  # each mode with `--layer_by_layer`
 
 Modes (the ideal counts model states only: what grows with parameters):
 - fp32: full fine-tune in float32, AdamW, one process. Ideal 16 B/param: weights, gradients, two moments.
@@ -85,6 +86,7 @@ def worker(model_dir: str, batch_path: str, mode: str, steps: int, out: str) -> 
     from qwenvl.train.param_groups import build_param_groups
     from qwenvl.train.train_step import TrainStep
 
+    mode, _, variant = mode.partition("+")  # "<mode>+layer_by_layer"
     world, stage, dtype, lora, _ = MODES[mode]
     dp = init_distributed()
     phases: dict[str, float] = {}
@@ -101,15 +103,16 @@ def worker(model_dir: str, batch_path: str, mode: str, steps: int, out: str) -> 
     phases["load"] = _peak_mib()
     args = SimpleNamespace(optim="adamw_mindspore", learning_rate=1e-5, mm_projector_lr=None, vision_tower_lr=None,
                            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
-                           fp16=dtype == "float16")  # fmt: skip
+                           fp16=dtype == "float16", layer_by_layer=variant == "layer_by_layer")  # fmt: skip
     sharded = getattr(model, "zero3", None)
     optimizer = build_optimizer(build_param_groups(model, args), args, dp, zero, sharded.specs if sharded else None)
     step = TrainStep(model, optimizer, args)
     phases["optimizer_state"] = _peak_mib()
     batch = dict(np.load(batch_path))
     inputs = model.prepare_inputs(batch)
-    if steps == 0:
-        _write(out, dp, {"rank": dp.rank, "params": params, "compiled_mib": _compiled_graph_mib(step, inputs)})
+    if steps == 0:  # (layer by layer, the graphs compile as the step runs: no probe)
+        compiled = math.nan if step.layer_by_layer else _compiled_graph_mib(step, inputs)
+        _write(out, dp, {"rank": dp.rank, "params": params, "compiled_mib": compiled})
         return
     step.on_phase = lambda name: phases.setdefault(name, _peak_mib())
     times, after_step = [], {}
@@ -165,7 +168,7 @@ def _measure(mode: str, model_dir: str, batch: str, steps: int, work: Path, rss_
     """Run the worker (under msrun for 2 workers); the rank with the highest peak, or {"error"}."""
     from tests.msrun import run_msrun
 
-    world = MODES[mode][0]
+    world = MODES[mode.partition("+")[0]][0]
     out = work / f"{mode}-{Path(model_dir).name}-{Path(batch).stem}-{time.monotonic_ns()}.json"
     args = [str(Path(__file__).resolve()), "--measure", model_dir, batch, mode, str(steps), str(out)]
     if world == 1:
@@ -195,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss_limit_gb", type=float, default=18.0)
     parser.add_argument("--work", default=None, help="folder for weights, batches and logs (default: a temp folder)")
     parser.add_argument("--json", default=None, help="also write every measurement here")
+    parser.add_argument("--layer_by_layer", action="store_true", help="train each mode with TrainStep's layer_by_layer "
+                                                                       "(one decoder layer's graph at a time, recomputed)")
     parser.add_argument("--measure", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [s for s in args.sizes.split(",") if s]
     prepared = {size: prepare_in_child(size, [args.workload, args.token_workload], work) for size in sizes}
     results: dict = {"sizes": sizes, "workload": args.workload, "modes": {}}
-    for mode in [m for m in args.modes.split(",") if m]:
+    for mode in [m + ("+layer_by_layer" if args.layer_by_layer else "") for m in args.modes.split(",") if m]:
         points = []
         for size in sizes:
             point = _measure(mode, prepared[size]["model"], prepared[size]["batches"][args.workload], args.steps, work,
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.steps, work, args.rss_limit_gb)  # fmt: skip
         results["modes"][mode] = {"points": points, "longer": longer}
     torch_python = resolve_torch_python(args.torch_python)
-    if torch_python and "fp32" in results["modes"]:
+    if torch_python and any(m.partition("+")[0] == "fp32" for m in results["modes"]):
         models = [(prepared[s]["model"], prepared[s]["batches"][args.workload]) for s in sizes]
         results["torch"] = torch_points(models, torch_python, steps=args.steps)
     if args.stability_steps:
@@ -238,7 +243,8 @@ def report(results: dict) -> None:
     print(f"\nPeak memory per rank (MiB), batch 1, {results['workload']}; CPU resident set\n")
     for mode, data in results["modes"].items():
         points = [p for p in data["points"] if "error" not in p]
-        world, stage, dtype, lora, ideal = MODES[mode]
+        base = mode.partition("+")[0]
+        world, stage, dtype, lora, ideal = MODES[base]
         print(f"{mode}: world {world}, ZeRO stage {stage}, {dtype}{', LoRA (frozen base)' if lora else ''}")
         print("  " + f"{'size':<9}{'params':>12}" + "".join(f"{p:>19}" for p in PHASES) + f"{'step s':>9}"
               + f"{'compiled graph':>16}")  # fmt: skip
@@ -251,8 +257,8 @@ def report(results: dict) -> None:
                   f"{p.get('compiled_mib', float('nan')):>16.0f}")  # fmt: skip
         if len(points) >= 2:
             slope = _slope(points)
-            verdict = "met" if slope <= TARGETS[mode] else "NOT met"
-            print(f"  marginal {slope:.1f} bytes/param (ideal {ideal:.1f}, target <= {TARGETS[mode]:g}: {verdict})")
+            verdict = "met" if slope <= TARGETS[base] else "NOT met"
+            print(f"  marginal {slope:.1f} bytes/param (ideal {ideal:.1f}, target <= {TARGETS[base]:g}: {verdict})")
             if all(math.isfinite(p.get("compiled_mib", math.nan)) for p in points):
                 graph = _slope([{**p, "peak_mib": p["compiled_mib"]} for p in points])
                 print(f"  of which the compiled graph's host memory {graph:.1f} bytes/param (it grows with the "
@@ -274,7 +280,7 @@ def report(results: dict) -> None:
               + ", ".join(f"{p['params']:,}: {p['peak_rss_mib']:.0f} MiB" for p in usable))
         if len(usable) >= 2:
             print(f"  marginal {marginal_bytes_per_param(usable):.1f} bytes/param")
-    elif "fp32" in results["modes"]:
+    elif any(m.partition("+")[0] == "fp32" for m in results["modes"]):
         print("transformers + torch: not measured (no --torch_python; bash bench/make_torch_venv.sh creates the venv)")
     stability = results.get("stability")
     if stability and "error" not in stability:

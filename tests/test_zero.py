@@ -69,7 +69,8 @@ def test_stage_comes_from_zero_stage_deepspeed_json_or_the_legacy_optimizer(tmp_
 @pytest.mark.slow
 def test_every_stage_on_two_workers_equals_one_process(tiny_model_factory, tmp_path):
     """2 ranks x 2 micro-batches of one sample = 1 process x 4 micro-batches (token-weighted sums), 5 AdamW steps
-    with weight decay and clipping, for ZeRO stages 0-3 (stage 3 shards every layer weight) and float16.
+    with weight decay and clipping, for ZeRO stages 0-3 (stage 3 shards every layer weight), float16, and stages 2
+    and 3 run layer by layer (`TrainStep`'s `layer_by_layer`).
 
     float32: every weight within 1e-6 (absolute, plus 1e-6 relative; weights are 0.02-1.0 in size), losses and
     gradient norms within 1e-6 relative: only the order of float32 sums differs. float16 (loss scale 2**10, float32

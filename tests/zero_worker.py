@@ -35,16 +35,18 @@ from qwenvl.train.param_groups import build_param_groups  # noqa: E402
 from qwenvl.train.train_step import TrainStep  # noqa: E402
 
 STEPS = 5
-# name -> (ZeRO stage, compute dtype); stage 3 shards every layer weight (threshold 0), to exercise them all
-RUNS = {"stage0": (0, "float32"), "stage1": (1, "float32"), "stage2": (2, "float32"), "stage3": (3, "float32"),
-        "stage2_fp16": (2, "float16"), "stage3_fp16": (3, "float16")}  # fmt: skip
+# name -> (ZeRO stage, compute dtype, layer by layer); stage 3 shards every layer weight (threshold 0), to exercise
+# them all
+RUNS = {"stage0": (0, "float32", False), "stage1": (1, "float32", False), "stage2": (2, "float32", False),
+        "stage3": (3, "float32", False), "stage2_fp16": (2, "float16", False), "stage3_fp16": (3, "float16", False),
+        "stage2_layer_by_layer": (2, "float32", True), "stage3_layer_by_layer": (3, "float32", True)}  # fmt: skip
 TEXT = (9, 14, 6, 11)  # text tokens of the four samples of a global batch (different supervised counts)
 
 
-def _args(fp16: bool) -> SimpleNamespace:
+def _args(fp16: bool, layer_by_layer: bool = False) -> SimpleNamespace:
     return SimpleNamespace(optim="adamw_mindspore", learning_rate=2e-3, mm_projector_lr=None, vision_tower_lr=None,
                            weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-6, max_grad_norm=1.0,
-                           fp16=fp16)  # fmt: skip
+                           fp16=fp16, layer_by_layer=layer_by_layer)  # fmt: skip
 
 
 def family(config: dict) -> str:
@@ -69,14 +71,14 @@ def sample(config: dict, step: int, index: int) -> dict:
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "pixel_values": pixels, "image_grid_thw": grid}
 
 
-def _model(model_dir: str, dp: DataParallel, stage: int, dtype: str):
+def _model(model_dir: str, dp: DataParallel, stage: int, dtype: str, layer_by_layer: bool = False):
     model = load_model(model_dir, dtype=dtype)
     apply_tuning_flags(model, SimpleNamespace(tune_mm_llm=True, tune_mm_mlp=True, tune_mm_vision=True))
     model.set_train(True)
     config = ZeroConfig(stage=stage, persistence_threshold=0)
     if stage == 3 and dp.world_size > 1:
         shard_weights(model, dp.world_size, dp.rank, config.persistence_threshold, from_values=True)
-    args = _args(dtype == "float16")
+    args = _args(dtype == "float16", layer_by_layer)
     sharded = getattr(model, "zero3", None)
     optimizer = build_optimizer(build_param_groups(model, args), args, dp, config, sharded.specs if sharded else None)
     step = TrainStep(model, optimizer, args)
@@ -86,10 +88,10 @@ def _model(model_dir: str, dp: DataParallel, stage: int, dtype: str):
 
 
 def train(model_dir: str, dp: DataParallel, stage: int, dtype: str, steps: range = range(STEPS),
-          resume: Path | None = None, save: Path | None = None,
-          sharded_list: Path | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+          resume: Path | None = None, save: Path | None = None, sharded_list: Path | None = None,
+          layer_by_layer: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
     """Train `steps` (from the checkpoint folder `resume`, if given; into `save` at the end, if given)."""
-    model, step = _model(model_dir, dp, stage, dtype)
+    model, step = _model(model_dir, dp, stage, dtype, layer_by_layer)
     if sharded_list is not None and dp.is_main and getattr(model, "zero3", None):
         sharded_list.write_text(json.dumps(sorted(model.zero3.specs)), encoding="utf-8")
     if resume is not None:
@@ -126,10 +128,11 @@ def main(model_dir: str, out_dir: str, only: str = "") -> None:
     if dp.world_size != 2:
         raise SystemExit(f"expected a world of 2 under msrun, got {dp.world_size}")
     out = Path(out_dir)
-    for name, (stage, dtype) in RUNS.items():
+    for name, (stage, dtype, layer_by_layer) in RUNS.items():
         if only and name not in only.split(","):
             continue
-        result = train(model_dir, dp, stage, dtype, sharded_list=out / f"{name}-sharded.json")
+        result = train(model_dir, dp, stage, dtype, sharded_list=out / f"{name}-sharded.json",
+                       layer_by_layer=layer_by_layer)
         np.savez(out / f"{name}-rank{dp.rank}.npz", **result)
     if only:
         return

@@ -194,6 +194,10 @@ class ChunkedLossHead:
     def prepare_loss(self, values: int = CHUNK_VALUES) -> None:
         self.lm_loss = lm_loss_for(self.lm_head, values)
 
+    def loss_after_layers(self, x, labels):
+        """(loss_sum, n_tokens) from the last decoder layer's output: the final norm, then the loss."""
+        return self._loss(self.model.language_model.norm(x), labels)
+
     def _loss(self, hidden, labels):
         rows = hidden.shape[0] * (hidden.shape[1] - 1)
         if self.lm_loss is None or whole_logits_fit(rows, self.lm_head.weight_shape[0], self.lm_loss.values):

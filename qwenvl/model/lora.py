@@ -78,6 +78,7 @@ class DropoutKey:
 
     def __init__(self) -> None:
         self.param = Parameter(Tensor(np.zeros(2, np.int32)), name="lora_dropout_key", requires_grad=False)
+        self.words_now: np.ndarray | None = None  # what `set` last wrote
 
     @staticmethod
     def words(seed: int, step: int, micro_batch: int, rank: int) -> np.ndarray:
@@ -86,7 +87,8 @@ class DropoutKey:
         return np.random.SeedSequence(entropy).generate_state(2, np.uint32).view(np.int32)
 
     def set(self, seed: int, step: int, micro_batch: int, rank: int) -> None:
-        ops.assign(self.param, Tensor(self.words(seed, step, micro_batch, rank)))
+        self.words_now = self.words(seed, step, micro_batch, rank)
+        ops.assign(self.param, Tensor(self.words_now))
 
 
 @dataclass(frozen=True)

@@ -288,13 +288,6 @@ class LanguageModel(nn.Cell):
         section = text["rope_scaling"]["mrope_section"]
         self.rotary = MRotaryEmbedding(text["hidden_size"] // text["num_attention_heads"], text["rope_theta"], section)
 
-    def construct(self, embeds, segments, position_ids, lengths=None):
-        cos, sin = self.rotary(position_ids)
-        cos, sin = unsqueeze(cos, 1), unsqueeze(sin, 1)
-        x = embeds
-        for layer in self.layers:
-            x = layer(x, segments, cos, sin, lengths)
-        return self.norm(x)
 
 
 class QwenVLModel(nn.Cell):
@@ -407,6 +400,21 @@ class _Qwen2FamilyForConditionalGeneration(ChunkedLossHead, nn.Cell):
                 vision_full_segments, vision_window_segments, vision_patch_order, vision_merge_order,
                 vision_index, vision_slots, text_lengths, vision_full_lengths, vision_window_lengths,
                 vision_reach):  # fmt: skip
+        x, _, layer_args = self.layer_inputs(input_ids, None, position_ids, text_segments, pixel_values, vision_cos,
+                                             vision_sin, vision_full_segments, vision_window_segments,
+                                             vision_patch_order, vision_merge_order, vision_index, vision_slots,
+                                             text_lengths, vision_full_lengths, vision_window_lengths,
+                                             vision_reach)  # fmt: skip
+        for layer in self.model.language_model.layers:
+            x = layer(x, *layer_args)
+        return self.model.language_model.norm(x)
+
+    def layer_inputs(self, input_ids, labels, position_ids, text_segments=None, pixel_values=None, vision_cos=None,
+                     vision_sin=None, vision_full_segments=None, vision_window_segments=None, vision_patch_order=None,
+                     vision_merge_order=None, vision_index=None, vision_slots=None, text_lengths=None,
+                     vision_full_lengths=None, vision_window_lengths=None, vision_reach=None):  # fmt: skip
+        """(embeddings, deepstack features (none here), layer_args): what the decoder layers take, from
+        `construct`'s inputs; each layer is `layer(x, *layer_args)` (`qwenvl.train.layer_by_layer`)."""
         lm = self.model.language_model
         x = ops.cast(lm.embed_tokens(input_ids), self.activation_dtype)
         if pixel_values is not None:
@@ -418,7 +426,8 @@ class _Qwen2FamilyForConditionalGeneration(ChunkedLossHead, nn.Cell):
             x = x * (1 - slots) + ops.gather(feats, vision_index, 0) * slots
         if text_segments is None:  # one causal sequence per row
             text_segments = ops.zeros(input_ids.shape, ms.int32)
-        return lm(x, text_segments, position_ids, text_lengths)
+        cos, sin = lm.rotary(position_ids)
+        return x, (), (text_segments, unsqueeze(cos, 1), unsqueeze(sin, 1), text_lengths)
 
     def logits(self, input_ids, labels=None, position_ids=None, text_segments=None, pixel_values=None,
                vision_cos=None, vision_sin=None, vision_full_segments=None, vision_window_segments=None,

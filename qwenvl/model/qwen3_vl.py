@@ -493,6 +493,23 @@ class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
     def _hidden(self, input_ids, position_ids, text_segments, pixel_values, vision_segments, vision_cos, vision_sin,
                 pos_index, pos_weight, vision_index, vision_slots, text_lengths, vision_lengths,
                 vision_reach):  # fmt: skip
+        x, deepstack, layer_args = self.layer_inputs(input_ids, None, position_ids, text_segments, pixel_values,
+                                                     vision_segments, vision_cos, vision_sin, pos_index, pos_weight,
+                                                     vision_index, vision_slots, text_lengths, vision_lengths,
+                                                     vision_reach)  # fmt: skip
+        for index, layer in enumerate(self.model.language_model.layers):
+            x = layer(x, *layer_args)
+            if index < len(deepstack):
+                x = x + deepstack[index]
+        return self.model.language_model.norm(x)
+
+    def layer_inputs(self, input_ids, labels, position_ids, text_segments=None, pixel_values=None,
+                     vision_segments=None, vision_cos=None, vision_sin=None, pos_index=None, pos_weight=None,
+                     vision_index=None, vision_slots=None, text_lengths=None, vision_lengths=None,
+                     vision_reach=None):  # fmt: skip
+        """(embeddings, deepstack features, layer_args): what the decoder layers take, from `construct`'s inputs;
+        each layer is `layer(x, *layer_args)`, and deepstack feature k is added to layer k's output
+        (`qwenvl.train.layer_by_layer`)."""
         lm = self.model.language_model
         x = ops.cast(lm.embed_tokens(input_ids), self.activation_dtype)
         deepstack = ()
@@ -508,12 +525,7 @@ class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
         if text_segments is None:  # one causal sequence per row
             text_segments = ops.zeros(input_ids.shape, ms.int32)
         cos, sin = lm.rotary(position_ids)
-        cos, sin = unsqueeze(cos, 1), unsqueeze(sin, 1)
-        for index, layer in enumerate(lm.layers):
-            x = layer(x, text_segments, cos, sin, text_lengths)
-            if index < len(deepstack):
-                x = x + deepstack[index]
-        return lm.norm(x)
+        return x, deepstack, (text_segments, unsqueeze(cos, 1), unsqueeze(sin, 1), text_lengths)
 
     def logits(self, input_ids, labels, position_ids, text_segments=None, pixel_values=None, vision_segments=None,
                vision_cos=None, vision_sin=None, pos_index=None, pos_weight=None, vision_index=None,

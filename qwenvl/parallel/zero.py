@@ -139,19 +139,30 @@ class ZeroPartition:
     def _to_scatter(self) -> list[int]:
         return [i for i, slot in enumerate(self.slots) if not slot.sharded]
 
-    def _reduce_scatter(self, grads: list[Tensor]) -> list[Tensor]:
-        """Replicated parameters' gradients reduce-scattered to chunks; ZeRO-3 chunks are already reduced."""
-        picked = self._to_scatter()
-        chunks = self.comm.reduce_scatter([grads[i] for i in picked], [self.slots[i].spec for i in picked])
+    def _reduce_scatter(self, grads: Sequence[Tensor], indices: Sequence[int] | None = None) -> list[Tensor]:
+        """Replicated parameters' gradients reduce-scattered to chunks; ZeRO-3 chunks are already reduced.
+        `grads[k]` is slot `indices[k]`'s (every slot by default)."""
+        indices = range(len(self.slots)) if indices is None else indices
+        picked = [k for k, i in enumerate(indices) if not self.slots[i].sharded]
+        chunks = self.comm.reduce_scatter([grads[k] for k in picked], [self.slots[indices[k]].spec for k in picked])
         out = list(grads)
-        for i, chunk in zip(picked, chunks):
-            out[i] = chunk
+        for k, chunk in zip(picked, chunks):
+            out[k] = chunk
         return out
 
-    def micro_batch(self, accumulated: list[Tensor] | None, grads: Sequence[Tensor]) -> list[Tensor]:
-        """Add one micro-batch's gradients (as the backward pass returned them) to the accumulation."""
+    def reduce_part(self, indices: Sequence[int], grads: Sequence[Tensor]) -> list[Tensor]:
+        """Some slots' gradients as `micro_batch` would pass them on: at stages 2-3 reduce-scattered now (a
+        layer-by-layer backward pass hands over each layer's, so no rank holds every whole gradient at once)."""
+        if not (self.partitioned and self.config.stage >= 2):
+            return list(grads)
+        return self._reduce_scatter(grads, indices)
+
+    def micro_batch(self, accumulated: list[Tensor] | None, grads: Sequence[Tensor],
+                    reduced: bool = False) -> list[Tensor]:  # fmt: skip
+        """Add one micro-batch's gradients (as the backward pass returned them, or already through
+        `reduce_part` when `reduced`) to the accumulation."""
         grads = list(grads)
-        if self.partitioned and self.config.stage >= 2:
+        if self.partitioned and self.config.stage >= 2 and not reduced:
             grads = self._reduce_scatter(grads)
         if accumulated is None:
             return grads

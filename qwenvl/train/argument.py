@@ -67,6 +67,9 @@ class TrainingArguments:
     bf16: bool = _flag(False, "bfloat16 compute with fp32 master weights")
     fp16: bool = _flag(False, "float16 compute with fp32 master weights and dynamic loss scaling")
     gradient_checkpointing: bool = _flag(False, "recompute activations per decoder layer / vision block")
+    layer_by_layer: bool = _flag(False, "run the decoder one layer at a time, each layer's activations recomputed in "
+                                        "the backward pass: one compiled graph per layer kind, whatever the depth "
+                                        "(the CPU memory saver; docs/parallel.md)")
     dataloader_num_workers: int = _flag(0, "loader worker processes")
     disable_tqdm: bool = _flag(False, "no progress bar (log lines only)")
     use_cpu: bool = _flag(False, "train on CPU even when an Ascend device is present (as QWENVL_DEVICE=CPU)")

@@ -27,6 +27,7 @@ from qwenvl.model.device import on_cpu
 from qwenvl.model.weight_ops import sync_trainable
 from qwenvl.train.graph_tracker import GraphTracker, signature
 from qwenvl.train.host_squares import host_squared_sum
+from qwenvl.train.layer_by_layer import LayerByLayer
 from qwenvl.train.optimizer import AdamW, OptimizerState
 from qwenvl.train.tensor_runs import RUN_ELEMENTS, small_runs
 
@@ -134,7 +135,13 @@ class TrainStep:
         self._input_names = list(inspect.signature(model.construct).parameters)
         sync_trainable(model)
         grad_fn = ms.value_and_grad(_ScaledLoss(model), None, optimizer.parameters, has_aux=True)
-        self._forward_backward = ms.jit(grad_fn)
+        # one graph per decoder-layer structure instead of the whole model (`layer_by_layer`)
+        self.layer_by_layer = bool(getattr(args, "layer_by_layer", False))
+        self._forward_backward = (
+            LayerByLayer(model, optimizer.parameters, self.partition.reduce_part)
+            if self.layer_by_layer
+            else ms.jit(grad_fn)
+        )
         sizes = [int(p.size) for p in optimizer.parameters]
         squares = _SquaredSum(sizes)
 
@@ -147,7 +154,7 @@ class TrainStep:
         # every gradient is small (its squares at most one run's 1 MiB): a tensor-sized temporary there raised
         # the forward/backward peak of issue 10's models by ~1 byte per parameter (measured), where the separate
         # graph reuses memory the backward pass has freed
-        self._squares_in_backward = max(sizes, default=0) <= RUN_ELEMENTS
+        self._squares_in_backward = max(sizes, default=0) <= RUN_ELEMENTS and not self.layer_by_layer
         self._forward_backward_squares = ms.jit(with_squares)
         self.graphs = GraphTracker()  # one compiled forward/backward graph per input signature
         self._norm_graphs: dict[tuple[int, ...], Callable] = {}
@@ -191,7 +198,7 @@ class TrainStep:
                 loss_sum, n_tokens, micro_grads, squares = self._forward_backward_with_squares(inputs, scale)
             else:
                 loss_sum, n_tokens, micro_grads = self.forward_backward(inputs, scale)
-            grads = self.partition.micro_batch(grads, micro_grads)
+            grads = self.partition.micro_batch(grads, micro_grads, reduced=self.layer_by_layer)
             losses.append(loss_sum)
             counts.append(n_tokens)
             self._phase("forward_backward")
