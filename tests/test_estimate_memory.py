@@ -29,6 +29,16 @@ MEASURED = {
     ("zero3_fp16", "mem109m"): 2154, ("zero3_fp16", "mem163m"): 2665,
     ("lora_fp16", "mem109m"): 1186, ("lora_fp16", "mem163m"): 1485,
 }  # fmt: skip
+# The same modes with `--layer_by_layer`, over three sizes:
+#   GLOG_v=3 python bench/memory.py --modes fp32,zero2_fp16,zero3_fp16,lora_fp16 --sizes mem109m,mem136m,mem163m \
+#       --steps 3 --workload text256 --token_workload text512 --layer_by_layer
+# at aa11cd7 (BENCHMARKS.md).
+MEASURED_LAYER_BY_LAYER = {
+    ("fp32", "mem109m"): 2430, ("fp32", "mem136m"): 2867, ("fp32", "mem163m"): 3282,
+    ("zero2_fp16", "mem109m"): 2890, ("zero2_fp16", "mem136m"): 3280, ("zero2_fp16", "mem163m"): 3497,
+    ("zero3_fp16", "mem109m"): 2229, ("zero3_fp16", "mem136m"): 2353, ("zero3_fp16", "mem163m"): 2555,
+    ("lora_fp16", "mem109m"): 1174, ("lora_fp16", "mem136m"): 1235, ("lora_fp16", "mem163m"): 1292,
+}  # fmt: skip
 MODES = {  # bench/memory.py MODES
     "fp32": dict(world=1, stage=0, dtype="fp32", tune_vision=True),
     "zero2_fp16": dict(world=2, stage=2, dtype="fp16", tune_vision=True),
@@ -59,6 +69,28 @@ def test_cpu_prediction_within_15_percent_of_measurement(mode, size):
     plan = Plan(seq_len=256, device="cpu", recompute=False, **MODES[mode])
     predicted = estimate(config_for(size), plan).total / MiB
     assert abs(predicted / MEASURED[(mode, size)] - 1) <= 0.15, (mode, size, predicted)
+
+
+@pytest.mark.parametrize("mode,size", sorted(MEASURED_LAYER_BY_LAYER))
+def test_cpu_layer_by_layer_prediction_within_15_percent_of_measurement(mode, size):
+    plan = Plan(seq_len=256, device="cpu", recompute=False, layer_by_layer=True, **MODES[mode])
+    predicted = estimate(config_for(size), plan).total / MiB
+    assert abs(predicted / MEASURED_LAYER_BY_LAYER[(mode, size)] - 1) <= 0.15, (mode, size, predicted)
+
+
+def test_layer_by_layer_keeps_one_stage_of_whole_gradients_at_zero2():
+    """ZeRO-2 over 8 ranks, bf16: whole gradients of every tensor without it; with it the chunks (1/8) plus the
+    largest stage's whole gradients (here the stage before the layers: embeddings and merger)."""
+    config = config_for("mem109m")  # vocab 32768 x hidden 1024: the embedding table outweighs a decoder layer
+    tensors = model_tensors(config)
+    whole = estimate(config, Plan(world=8, stage=2, dtype="bf16", seq_len=1))
+    layered = estimate(config, Plan(world=8, stage=2, dtype="bf16", seq_len=1, layer_by_layer=True))
+    trained = [t for t in tensors if t.part != "vision"]
+    assert whole.gradients == pytest.approx(2 * sum(t.numel for t in trained))
+    before_layers = sum(t.numel for t in trained if t.name.startswith(("model.language_model.embed_tokens.",
+                                                                       "model.visual.")))  # fmt: skip
+    assert before_layers > 32768 * 1024
+    assert layered.gradients == pytest.approx(2 * sum(t.numel for t in trained) / 8 + 2 * before_layers)
 
 
 def test_model_states_by_hand():

@@ -93,15 +93,18 @@ def test_output_folder_has_processor_files_with_training_limits(runs):
     assert json.loads((runs["resumed"] / "train_summary.json").read_text())["resumed_from"].endswith("checkpoint-3")
 
 
-def test_layer_by_layer_run_ends_with_the_whole_graph_weights(runs, tmp_path):
+def test_layer_by_layer_run_ends_with_the_whole_graph_weights(runs, tmp_path, capsys):
     """`--layer_by_layer True` (one compiled graph per decoder layer kind, each layer recomputed in the backward
     pass), with the vision tower and embeddings training too: the same six steps as the whole-graph run."""
     assert main(_flags(runs["tiny"], tmp_path / "layers", "--layer_by_layer", "True")) == 0
+    assert "[train] layer by layer: 2 decoder layers on 1 compiled layer graph\n" in capsys.readouterr().out
     full = load_file(str(runs["full"] / "model.safetensors"))
     layers = load_file(str(tmp_path / "layers" / "model.safetensors"))
     assert full.keys() == layers.keys()
+    # atol 1% of the lr: gradients that are zero up to rounding (k_proj's bias: softmax ignores a shift of the
+    # scores) get Adam steps of about the lr from float32 noise, which summation order changes
     for name in full:
-        np.testing.assert_allclose(layers[name], full[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(layers[name], full[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_two_msrun_workers_equal_one_process_with_accumulation(tiny_model_factory, tmp_path):

@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro_batch", type=int, default=1, help="sequences per micro-batch")
     parser.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--recompute", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--layer_by_layer", action="store_true", help="train_qwen.py --layer_by_layer (recomputed, one "
+                                                                        "layer's graph and whole gradients at a time)")
     parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0: full fine-tune)")
     parser.add_argument("--lora_targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--tune", default="llm,merger", help="comma list of trained parts: llm, merger, vision")
@@ -236,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = Plan(world=args.world, stage=args.zero_stage, dtype=args.dtype, seq_len=args.seq_len,
                     micro_batch=args.micro_batch, accumulation=args.accumulation, recompute=args.recompute,
+                    layer_by_layer=args.layer_by_layer,
                     device=args.device, lora_r=args.lora_r, lora_targets=tuple(args.lora_targets.split(",")),
                     tune_llm="llm" in tune, tune_merger="merger" in tune, tune_vision="vision" in tune,
                     vision_patches=args.vision_patches)  # fmt: skip

@@ -13,13 +13,17 @@ Model states follow what `qwenvl.parallel` and `qwenvl.train.optimizer` allocate
   One layer's weights are gathered whole at a time, with their whole gradient in the backward pass.
 - frozen weights (LoRA base, frozen towers) once, in the compute dtype.
 - gradient accumulation (> 1 micro-batch) keeps the accumulated gradients beside the new ones.
+- layer by layer (`qwenvl.train.layer_by_layer`): at stages 2-3 each stage's gradients (a decoder layer's, the
+  head's, those of everything before the layers) are reduce-scattered when its backward pass ends, so only the
+  largest stage's exist whole.
 
 Activations per token and decoder layer, in elements of the compute dtype (Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models", without the attention matrix, which flash/blocked
 attention never stores; generalised to grouped KV heads and gated MLPs): the two norm inputs and outputs
 4h, q and attention output 2*hq, k and v 2*kv, gate, up, act(gate) and their product 4*I (MoE: top_k
 experts' 2h + 4*I_moe per token). Vision blocks likewise per patch. With recompute only each layer's
-input h stays, plus one layer's activations while it is recomputed. The logits exist one chunk of rows at a
+input h stays, plus one layer's activations while it is recomputed; layer by layer is this rule on every
+device (on CPU the whole-model graph's recompute measured no saving). The logits exist one chunk of rows at a
 time (`qwenvl.model.lm_loss`): float32 logits, probabilities, one-hot targets and their gradient, 16 bytes per
 row and vocabulary entry.
 
@@ -27,7 +31,8 @@ Device terms: on Ascend a fixed allowance for the runtime, HCCL buffers and kern
 tests' backend) the process baseline measured here (Python + MindSpore + runtime), activations held in
 float32 (half-precision models too: `qwenvl.model.layers.activation_dtype`) with the measured factor of
 MindSpore's CPU kernels over the formula, and the float32 working copies of half-precision weights
-(`qwenvl.model.weight_ops.HalfOnCPU`) per parameter of the layers a step runs. The CPU constants come from
+(`qwenvl.model.weight_ops.HalfOnCPU`) per parameter of the layers a step runs (layer by layer: of the layers
+outside the decoder and one decoder layer, which one compiled graph runs in turn). The CPU constants come from
 `bench/memory.py` (see `tests/test_estimate_memory.py`); recompute measured no saving on CPU.
 """
 
@@ -61,6 +66,7 @@ class Plan:
     micro_batch: int = 1
     accumulation: int = 1
     recompute: bool = True
+    layer_by_layer: bool = False  # `--layer_by_layer`: recomputed, graphs and whole stage-2 gradients per layer
     device: str = "ascend"
     lora_r: int = 0  # 0: full fine-tune
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -113,6 +119,16 @@ class Estimate:
         return {**out, "bytes": {kind: round(getattr(self, kind)) for kind in self.KINDS}, "total": round(self.total)}
 
 
+def _stage(info: ParamInfo) -> str:
+    """The compiled graph of a layer-by-layer step that computes the tensor's gradient: its decoder layer, the
+    head (final norm, lm_head) or everything before the layers (embeddings, vision tower, mergers)."""
+    if info.group.startswith("model.language_model.layers."):
+        return info.group
+    if info.name.startswith("lm_head.") or info.name.startswith("model.language_model.norm."):
+        return "head"
+    return "inputs"
+
+
 def _trainable(info: ParamInfo, plan: Plan) -> bool:
     if ".lora_" in info.name:
         return True
@@ -143,15 +159,18 @@ def _activations(config: dict, plan: Plan, e: int) -> tuple[float, str]:
     layers = [_layer_activation_elements(text, i) for i in range(text["num_hidden_layers"])]
     vision = vision_settings(config)
     blocks = [_vision_activation_elements(vision)] * (vision["depth"] if plan.vision_patches else 0)
-    if plan.device == "cpu":  # float32 working values on CPU, measured factors (module docstring)
+    cpu = plan.device == "cpu"  # float32 working values on CPU, measured factors (module docstring)
+    if plan.layer_by_layer or (plan.recompute and not cpu):
+        kept, working = (4, 4 * CPU_ACTIVATION_FACTOR) if cpu else (e, e)
+        inputs = kept * (plan.tokens * text["hidden_size"] * len(layers)
+                         + plan.vision_patches * vision["dim"] * len(blocks))
+        one = working * max([plan.tokens * a for a in layers] + [plan.vision_patches * b for b in blocks])
+        full = inputs + one
+        how = "layer by layer: layer inputs + one layer" if plan.layer_by_layer else "recompute: layer inputs + one layer"
+    elif cpu:
         bytes_per = 4 * CPU_ACTIVATION_FACTOR
         full = bytes_per * (plan.tokens * sum(layers) + plan.vision_patches * sum(blocks))
         how = "all layers kept (CPU: recompute measured no saving)"
-    elif plan.recompute:
-        inputs = e * (plan.tokens * text["hidden_size"] * len(layers)
-                      + plan.vision_patches * vision["dim"] * len(blocks))
-        one = e * max([plan.tokens * a for a in layers] + [plan.vision_patches * b for b in blocks])
-        full, how = inputs + one, "recompute: layer inputs + one layer"
     else:
         full = e * (plan.tokens * sum(layers) + plan.vision_patches * sum(blocks))
         how = "all layers kept"
@@ -172,6 +191,7 @@ def estimate(config: dict, plan: Plan) -> Estimate:
     partitioned = plan.stage >= 1 and n > 1
     accumulate = plan.accumulation > 1
     groups: dict[str, float] = {}
+    whole_grads: dict[str, float] = {}  # per stage (`_stage`): the gradients that exist whole (stages 2-3)
     largest_local = 0.0
     for info, train in zip(tensors, trainable):
         size = info.numel
@@ -193,8 +213,13 @@ def estimate(config: dict, plan: Plan) -> Estimate:
         own_master = e == 4 and not partitioned
         result.optimizer += (8 if own_master else 12) * size / share
         chunk = size / n if plan.stage >= 2 and n > 1 else size
-        result.gradients += e * size + (e * chunk if accumulate else 0)
+        if plan.layer_by_layer and chunk != size:  # reduce-scattered per layer: one layer's whole at a time
+            whole_grads[_stage(info)] = whole_grads.get(_stage(info), 0.0) + e * size
+            result.gradients += e * chunk * (2 if accumulate else 1)
+        else:
+            result.gradients += e * size + (e * chunk if accumulate else 0)
         largest_local = max(largest_local, size / share)
+    result.gradients += max(whole_grads.values(), default=0.0)
     result.zero3_gathered = max(groups.values(), default=0.0)
     largest_whole = max(t.numel for t in base)
     result.workspace = max(4 * largest_local, e * largest_whole)
@@ -211,12 +236,16 @@ def estimate(config: dict, plan: Plan) -> Estimate:
 
 def _cpu_half_copies(tensors: list[ParamInfo], trainable: list[bool], plan: Plan) -> float:
     """Float32 working bytes of half-precision weights on CPU, for the weights of the layers a step runs."""
-    total = 0.0
+    outside, per_layer = 0.0, {}
     for info, train in zip(tensors, trainable):
         if not info.matrix or (info.part in ("vision", "merger") and not plan.vision_patches):
             continue
         sharded = plan.stage == 3 and plan.world > 1 and info.numel >= plan.persistence_threshold
-        total += info.numel * CPU_HALF_COPY_BYTES
+        value = info.numel * CPU_HALF_COPY_BYTES
         if train:
-            total += info.numel * CPU_HALF_GRAD_BYTES["chunk" if sharded else "whole"]
-    return total
+            value += info.numel * CPU_HALF_GRAD_BYTES["chunk" if sharded else "whole"]
+        if plan.layer_by_layer and _stage(info) not in ("head", "inputs"):
+            per_layer[info.group] = per_layer.get(info.group, 0.0) + value
+        else:
+            outside += value
+    return outside + max(per_layer.values(), default=0.0)

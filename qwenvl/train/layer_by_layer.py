@@ -173,6 +173,10 @@ class LayerByLayer:
         )
         self.head = ms.jit(ms.value_and_grad(_ScaledHeadLoss(model), 0, head_weights or None, has_aux=True))
 
+    def describe(self) -> str:
+        kinds = len({id(group) for group in self.group_of})
+        return f"{len(self.layers)} decoder layers on {kinds} compiled layer graph{'s' if kinds > 1 else ''}"
+
     @staticmethod
     def _trainable(cells: Sequence[nn.Cell]) -> list[Parameter]:
         seen, out = set(), []

@@ -154,6 +154,8 @@ def _train(model_args, data_args, training_args, device: str, dtype: str, notes:
         print(f"[train] {model.model_type} from {model_dir} on {device} x{dp.world_size}; {len(dataset)} samples, "
               f"{trainer.total_steps} steps; trainable parameters per part {trainable}")  # fmt: skip
         print(f"[train] {describe_buckets(buckets)}")
+        if trainer.step_fn.layer_runner is not None:
+            print(f"[train] layer by layer: {trainer.step_fn.layer_runner.describe()}")
     finished = trainer.finished_checkpoint()
     if finished is not None and (output_dir / SUMMARY_NAME).is_file():
         if dp.is_main:

@@ -137,11 +137,10 @@ class TrainStep:
         grad_fn = ms.value_and_grad(_ScaledLoss(model), None, optimizer.parameters, has_aux=True)
         # one graph per decoder-layer structure instead of the whole model (`layer_by_layer`)
         self.layer_by_layer = bool(getattr(args, "layer_by_layer", False))
-        self._forward_backward = (
-            LayerByLayer(model, optimizer.parameters, self.partition.reduce_part)
-            if self.layer_by_layer
-            else ms.jit(grad_fn)
+        self.layer_runner = (
+            LayerByLayer(model, optimizer.parameters, self.partition.reduce_part) if self.layer_by_layer else None
         )
+        self._forward_backward = self.layer_runner or ms.jit(grad_fn)
         sizes = [int(p.size) for p in optimizer.parameters]
         squares = _SquaredSum(sizes)
 
