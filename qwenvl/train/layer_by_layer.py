@@ -120,12 +120,16 @@ class _LayerGroup:
         self.trainable = [p for p in self.params if p.requires_grad]
         self.forward = ms.jit(_LayerForward(self.template))
         self.backward = ms.jit(ms.value_and_grad(_LayerProjection(self.template), 0, self.trainable or None))
+        self.loaded: nn.Cell | None = None  # within a step: the layer whose weights the copy points at
 
     def load(self, layer: nn.Cell) -> None:
         if self.template.training != layer.training:  # dropout follows the model's train / eval mode
             self.template.set_train(layer.training)
+        if layer is self.loaded:  # the last layer's forward pass is followed by its backward pass
+            return
         for param, source in zip(self.params, _parameters(layer)):
             param.set_data(source)
+        self.loaded = layer
 
 
 Reduce = Callable[[Sequence[int], list[Tensor]], list[Tensor]]
@@ -194,6 +198,8 @@ class LayerByLayer:
                 return self._step(scale, inputs)
             finally:
                 self._set_layer_key(None)
+                for group in self.group_of:  # a checkpoint load may replace a layer's storage before the next step
+                    group.loaded = None
 
     def _step(self, scale: Tensor, inputs: tuple):
         grads: list[Tensor | None] = [None] * len(self.parameters)
