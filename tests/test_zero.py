@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qwenvl.errors import FlagError
-from qwenvl.parallel.collectives import buckets
+from qwenvl.parallel.collectives import buckets, column_buckets
 from qwenvl.parallel.layout import ShardSpec
 from qwenvl.parallel.zero import DEFAULT_BUCKET_ELEMENTS, DEFAULT_PERSISTENCE_THRESHOLD, ZeroConfig, zero_config
 from tests.msrun import ROOT, run_msrun
@@ -37,6 +37,18 @@ def test_buckets_group_consecutive_tensors_up_to_the_size():
     assert list(buckets([4, 4, 4, 10, 1, 1], 8)) == [[0, 1], [2], [3], [4, 5]]
     assert list(buckets([3], 1)) == [[0]]  # a tensor larger than a bucket travels alone
     assert list(buckets([], 8)) == []
+
+
+def test_column_buckets_cut_large_tensors_by_columns_of_their_rows():
+    """World 2, buckets of 8 values = 4 columns of the (2, chunk) rows: chunks 3, 6, 1, 2 columns."""
+    specs = [ShardSpec((6,), 2, 0), ShardSpec((12,), 2, 0), ShardSpec((2,), 2, 0), ShardSpec((3,), 2, 0)]
+    assert [s.chunk for s in specs] == [3, 6, 1, 2]
+    assert list(column_buckets(specs, 8)) == [
+        [(0, 0, 3), (1, 0, 1)], [(1, 1, 5)], [(1, 5, 6), (2, 0, 1), (3, 0, 2)]]  # fmt: skip
+    assert list(column_buckets(specs, 1)) == [[(0, 0, 1)], [(0, 1, 2)], [(0, 2, 3)], [(1, 0, 1)], [(1, 1, 2)],
+                                               [(1, 2, 3)], [(1, 3, 4)], [(1, 4, 5)], [(1, 5, 6)], [(2, 0, 1)],
+                                               [(3, 0, 1)], [(3, 1, 2)]]  # fmt: skip
+    assert list(column_buckets([], 8)) == []
 
 
 def _args(**kw) -> SimpleNamespace:
@@ -70,7 +82,8 @@ def test_stage_comes_from_zero_stage_deepspeed_json_or_the_legacy_optimizer(tmp_
 def test_every_stage_on_two_workers_equals_one_process(tiny_model_factory, tmp_path):
     """2 ranks x 2 micro-batches of one sample = 1 process x 4 micro-batches (token-weighted sums), 5 AdamW steps
     with weight decay and clipping, for ZeRO stages 0-3 (stage 3 shards every layer weight), float16, and stages 2
-    and 3 run layer by layer (`TrainStep`'s `layer_by_layer`).
+    and 3 run layer by layer (`TrainStep`'s `layer_by_layer`); stage 1 and layer-by-layer stage 2 with buckets of
+    256 values, so their reduce-scatters and all-gathers cut nearly every tensor into several.
 
     float32: every weight within 1e-6 (absolute, plus 1e-6 relative; weights are 0.02-1.0 in size), losses and
     gradient norms within 1e-6 relative: only the order of float32 sums differs. float16 (loss scale 2**10, float32

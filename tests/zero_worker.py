@@ -26,7 +26,7 @@ import mindspore as ms  # noqa: E402
 from qwenvl.data.rope2d import rope_index_fn  # noqa: E402
 from qwenvl.model import load_model, load_weights, save_model  # noqa: E402
 from qwenvl.parallel.world import DataParallel, init_distributed  # noqa: E402
-from qwenvl.parallel.zero import ZeroConfig  # noqa: E402
+from qwenvl.parallel.zero import DEFAULT_BUCKET_ELEMENTS, ZeroConfig  # noqa: E402
 from qwenvl.parallel.zero3 import shard_weights  # noqa: E402
 from qwenvl.train.freezing import apply_tuning_flags  # noqa: E402
 from qwenvl.train.checkpoint import optimizer_files  # noqa: E402
@@ -40,6 +40,8 @@ STEPS = 5
 RUNS = {"stage0": (0, "float32", False), "stage1": (1, "float32", False), "stage2": (2, "float32", False),
         "stage3": (3, "float32", False), "stage2_fp16": (2, "float16", False), "stage3_fp16": (3, "float16", False),
         "stage2_layer_by_layer": (2, "float32", True), "stage3_layer_by_layer": (3, "float32", True)}  # fmt: skip
+# runs whose collectives use buckets of 256 values: nearly every tensor is cut into several by columns
+SMALL_BUCKETS = {"stage1", "stage2_layer_by_layer"}
 TEXT = (9, 14, 6, 11)  # text tokens of the four samples of a global batch (different supervised counts)
 
 
@@ -71,11 +73,12 @@ def sample(config: dict, step: int, index: int) -> dict:
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "pixel_values": pixels, "image_grid_thw": grid}
 
 
-def _model(model_dir: str, dp: DataParallel, stage: int, dtype: str, layer_by_layer: bool = False):
+def _model(model_dir: str, dp: DataParallel, stage: int, dtype: str, layer_by_layer: bool = False,
+           bucket_elements: int = DEFAULT_BUCKET_ELEMENTS):  # fmt: skip
     model = load_model(model_dir, dtype=dtype)
     apply_tuning_flags(model, SimpleNamespace(tune_mm_llm=True, tune_mm_mlp=True, tune_mm_vision=True))
     model.set_train(True)
-    config = ZeroConfig(stage=stage, persistence_threshold=0)
+    config = ZeroConfig(stage=stage, bucket_elements=bucket_elements, persistence_threshold=0)
     if stage == 3 and dp.world_size > 1:
         shard_weights(model, dp.world_size, dp.rank, config.persistence_threshold, from_values=True)
     args = _args(dtype == "float16", layer_by_layer)
@@ -89,9 +92,10 @@ def _model(model_dir: str, dp: DataParallel, stage: int, dtype: str, layer_by_la
 
 def train(model_dir: str, dp: DataParallel, stage: int, dtype: str, steps: range = range(STEPS),
           resume: Path | None = None, save: Path | None = None, sharded_list: Path | None = None,
-          layer_by_layer: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+          layer_by_layer: bool = False,
+          bucket_elements: int = DEFAULT_BUCKET_ELEMENTS) -> dict[str, np.ndarray]:  # fmt: skip
     """Train `steps` (from the checkpoint folder `resume`, if given; into `save` at the end, if given)."""
-    model, step = _model(model_dir, dp, stage, dtype, layer_by_layer)
+    model, step = _model(model_dir, dp, stage, dtype, layer_by_layer, bucket_elements)
     if sharded_list is not None and dp.is_main and getattr(model, "zero3", None):
         sharded_list.write_text(json.dumps(sorted(model.zero3.specs)), encoding="utf-8")
     if resume is not None:
@@ -131,8 +135,9 @@ def main(model_dir: str, out_dir: str, only: str = "") -> None:
     for name, (stage, dtype, layer_by_layer) in RUNS.items():
         if only and name not in only.split(","):
             continue
+        bucket = 256 if name in SMALL_BUCKETS else DEFAULT_BUCKET_ELEMENTS
         result = train(model_dir, dp, stage, dtype, sharded_list=out / f"{name}-sharded.json",
-                       layer_by_layer=layer_by_layer)
+                       layer_by_layer=layer_by_layer, bucket_elements=bucket)
         np.savez(out / f"{name}-rank{dp.rank}.npz", **result)
     if only:
         return

@@ -4,7 +4,10 @@ Tensors are grouped into buckets of about `bucket_elements` values (DeepSpeed's 
 the only full-size flat buffer is one bucket, never the whole model. Reduce-scatter sends each rank the
 sum of its chunk (`layout.ShardSpec`) of every tensor in the bucket; MindSpore's CPU backend has no
 ReduceScatter kernel, so there it is an AllReduce of the bucket and a copy of the rank's row, which
-computes the same values (the CPU twin). All-gather rebuilds full tensors from every rank's chunks.
+computes the same values (the CPU twin); there a bucket is at most `CPU_BUCKET_ELEMENTS` values, because that
+all-reduce and the copies around it touch several times the bucket's bytes. A tensor larger than a bucket is
+reduce-scattered in several, by columns of its (world, chunk) rows. All-gather rebuilds full tensors from every
+rank's chunks.
 
 These run between compiled graphs, on the tensors the graphs return; `reduce_scatter_in_graph` is the
 same reduction for use inside a compiled graph (ZeRO-3's backward pass).
@@ -26,6 +29,9 @@ def _on_ascend() -> bool:
     return ms.get_context("device_target") == "Ascend"
 
 
+CPU_BUCKET_ELEMENTS = 1 << 22  # values per reduce-scatter on the CPU twin (module docstring)
+
+
 def buckets(sizes: Sequence[int], bucket_elements: int) -> Iterator[list[int]]:
     """Consecutive index groups whose sizes add up to at most `bucket_elements` (a larger tensor alone)."""
     group: list[int] = []
@@ -36,6 +42,27 @@ def buckets(sizes: Sequence[int], bucket_elements: int) -> Iterator[list[int]]:
             group, total = [], 0
         group.append(index)
         total += size
+    if group:
+        yield group
+
+
+def column_buckets(specs: Sequence[ShardSpec], bucket_elements: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Buckets of (tensor index, first column, end column) of the tensors' (world, chunk) rows, in order, each
+    at most `bucket_elements` values (world x its columns, at least one column): a tensor larger than a bucket
+    is cut by columns, so every piece of rank r's chunk is in rank r's row of its bucket."""
+    cap = max(1, bucket_elements // max(1, specs[0].world)) if specs else 1
+    group: list[tuple[int, int, int]] = []
+    used = 0
+    for index, spec in enumerate(specs):
+        start = 0
+        while start < spec.chunk:
+            take = min(spec.chunk - start, cap - used)
+            group.append((index, start, start + take))
+            used += take
+            start += take
+            if used == cap:
+                yield group
+                group, used = [], 0
     if group:
         yield group
 
@@ -74,7 +101,7 @@ class Collectives:
         if self.world == 1:
             return list(tensors)
         out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-        for group in buckets([int(t.size) for t in tensors], self.bucket_elements):
+        for group in buckets([int(t.size) for t in tensors], self._limit()):
             flat = ops.cat([tensors[i].reshape(-1) for i in group])
             pieces = ops.split(ops.AllReduce()(flat), [int(tensors[i].size) for i in group])
             for i, piece in zip(group, pieces):
@@ -82,29 +109,47 @@ class Collectives:
         return out
 
     def reduce_scatter(self, tensors: Sequence[Tensor], specs: Sequence[ShardSpec]) -> list[Tensor]:
-        """Each tensor summed over ranks, this rank's (chunk,) of it; the inputs can be dropped bucket by bucket."""
+        """Each tensor summed over ranks, this rank's (chunk,) of it, bucket by bucket (`column_buckets`: a large
+        tensor in several). On CPU the buckets are at most `CPU_BUCKET_ELEMENTS` values: there the reduce-scatter
+        is an all-reduce of the whole bucket, and MindSpore's CPU AllReduce and the copies around it touch about
+        13x a float16 bucket's bytes (measured: +868 MiB peak for one bucket of 32 Mi float16 values)."""
         if self.world == 1:
             return list(tensors)
-        out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-        for group in buckets([spec.padded for spec in specs], self.bucket_elements):
-            block = ops.cat([_rows(tensors[i], specs[i]) for i in group], axis=1)  # (world, bucket chunk)
+        pieces: list[list[Tensor]] = [[] for _ in tensors]
+        rows: dict[int, Tensor] = {}
+        for group in column_buckets(specs, self._limit()):
+            parts = []
+            for i, start, end in group:
+                if i not in rows:
+                    rows = {i: _rows(tensors[i], specs[i])}  # (world, chunk); earlier tensors are done
+                parts.append(rows[i][:, start:end])
+            block = ops.cat(parts, axis=1)  # (world, bucket columns)
             mine = reduce_scatter_in_graph(block.reshape(-1), self.world, self._rank_index)
-            for i, piece in zip(group, ops.split(mine, [specs[i].chunk for i in group])):
-                out[i] = piece
-        return out
+            for (i, start, end), piece in zip(group, ops.split(mine, [end - start for _, start, end in group])):
+                pieces[i].append(piece)
+        return [p[0] if len(p) == 1 else ops.cat(p) for p in pieces]
 
     def all_gather(self, chunks: Sequence[Tensor], specs: Sequence[ShardSpec]) -> list[Tensor]:
-        """Full tensors (their spec's shape) from every rank's (chunk,) pieces."""
+        """Full tensors (their spec's shape) from every rank's (chunk,) pieces, bucket by bucket as
+        `reduce_scatter` (MindSpore's CPU AllGather, like its AllReduce, touches several times its bytes)."""
         if self.world == 1:
             return [c.reshape(s.shape) for c, s in zip(chunks, specs)]
-        out: list[Tensor] = [None] * len(chunks)  # type: ignore[list-item]
-        for group in buckets([spec.padded for spec in specs], self.bucket_elements):
-            mine = ops.cat([chunks[i].reshape(-1) for i in group])
+        pieces: list[list[Tensor]] = [[] for _ in chunks]
+        for group in column_buckets(specs, self._limit()):
+            mine = ops.cat([chunks[i].reshape(-1)[start:end] for i, start, end in group])
             rows = ops.AllGather()(mine).reshape(self.world, -1)  # rank-major
             offset = 0
-            for i in group:
-                spec = specs[i]
-                full = rows[:, offset : offset + spec.chunk].reshape(-1)
-                out[i] = full[: spec.numel].reshape(spec.shape)
-                offset += spec.chunk
+            for i, start, end in group:
+                pieces[i].append(rows[:, offset : offset + end - start])
+                offset += end - start
+        out = []
+        for spec, parts in zip(specs, pieces):
+            full = (parts[0] if len(parts) == 1 else ops.cat(parts, axis=1)).reshape(-1)
+            out.append(full[: spec.numel].reshape(spec.shape))
         return out
+
+    def _limit(self) -> int:
+        """Values per bucket: the configured size, at most `CPU_BUCKET_ELEMENTS` off Ascend."""
+        if ms.get_context("device_target") == "Ascend":
+            return self.bucket_elements
+        return min(self.bucket_elements, CPU_BUCKET_ELEMENTS)

@@ -166,7 +166,7 @@ def _activations(config: dict, plan: Plan, e: int) -> tuple[float, str]:
                          + plan.vision_patches * vision["dim"] * len(blocks))
         one = working * max([plan.tokens * a for a in layers] + [plan.vision_patches * b for b in blocks])
         full = inputs + one
-        how = "layer by layer: layer inputs + one layer" if plan.layer_by_layer else "recompute: layer inputs + one layer"
+        how = f"{'layer by layer' if plan.layer_by_layer else 'recompute'}: layer inputs + one layer"
     elif cpu:
         bytes_per = 4 * CPU_ACTIVATION_FACTOR
         full = bytes_per * (plan.tokens * sum(layers) + plan.vision_patches * sum(blocks))

@@ -146,7 +146,8 @@ class LayerByLayer:
 
     def __init__(self, model: nn.Cell, parameters: Sequence[Parameter], reduce: Reduce | None = None) -> None:
         if not hasattr(model, "layer_inputs"):
-            raise ValueError(f"layer-by-layer execution needs a model with `layer_inputs`; {type(model).__name__} has none")
+            name = type(model).__name__
+            raise ValueError(f"layer-by-layer execution needs a model with `layer_inputs`; {name} has none")
         self.model = model
         self.parameters = list(parameters)
         self.reduce = reduce
@@ -219,7 +220,8 @@ class LayerByLayer:
             if i < len(deepstack):
                 deep_gradients[i] = gradient  # the add after layer i passes its gradient to the feature unchanged
             layer_input, incoming = kept[i], gradient
-            _, layer_grads = self._run(i, self.layers[i], lambda group: group.backward(layer_input, incoming, *layer_args))
+            _, layer_grads = self._run(i, self.layers[i],
+                                       lambda group: group.backward(layer_input, incoming, *layer_args))
             gradient, weight_grads = self._split(layer_grads, bool(self.group_of[i].trainable))
             self._add(grads, self.slots[i], weight_grads)
             kept[i] = None
