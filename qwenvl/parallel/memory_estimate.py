@@ -51,7 +51,7 @@ ASCEND_RUNTIME_BYTES = 3 * GiB  # allowance: CANN runtime, HCCL buffers (HCCL_BU
 CPU_BASELINE_BYTES = 480 * MiB  # measured: Python + MindSpore import + runtime, before any weight
 CPU_ACTIVATION_FACTOR = 1.64  # measured float32 activations of MindSpore's CPU kernels / the formula
 CPU_HALF_COPY_BYTES = 3.0  # fitted: float32 working bytes per half-precision weight element a step runs
-CPU_HALF_GRAD_BYTES = {"whole": 9.0, "chunk": 2.5}  # ... plus, for trainable weights, by gradient layout
+CPU_HALF_GRAD_BYTES = {"whole": 4.0, "chunk": 2.5}  # ... plus, for trainable weights, by gradient layout
 PERSISTENCE_THRESHOLD = 100_000
 
 
