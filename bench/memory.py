@@ -58,6 +58,11 @@ TARGETS = {"fp32": 17.0, "zero2_fp16": 11.0, "zero3_fp16": 8.0, "lora_fp16": 2.5
 PHASES = ("load", "optimizer_state", "forward_backward", "gradient_reduction", "optimizer_step", "steps", "save")
 
 
+def _base(mode: str) -> str:
+    """The MODES name of a measured mode ("<mode>" or "<mode>+layer_by_layer")."""
+    return mode.partition("+")[0]
+
+
 def _peak_mib() -> float:
     """Peak memory of this process so far: device statistics on Ascend, the resident set elsewhere."""
     import mindspore as ms
@@ -168,7 +173,7 @@ def _measure(mode: str, model_dir: str, batch: str, steps: int, work: Path, rss_
     """Run the worker (under msrun for 2 workers); the rank with the highest peak, or {"error"}."""
     from tests.msrun import run_msrun
 
-    world = MODES[mode.partition("+")[0]][0]
+    world = MODES[_base(mode)][0]
     out = work / f"{mode}-{Path(model_dir).name}-{Path(batch).stem}-{time.monotonic_ns()}.json"
     args = [str(Path(__file__).resolve()), "--measure", model_dir, batch, mode, str(steps), str(out)]
     if world == 1:
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.steps, work, args.rss_limit_gb)  # fmt: skip
         results["modes"][mode] = {"points": points, "longer": longer}
     torch_python = resolve_torch_python(args.torch_python)
-    if torch_python and any(m.partition("+")[0] == "fp32" for m in results["modes"]):
+    if torch_python and any(_base(m) == "fp32" for m in results["modes"]):
         models = [(prepared[s]["model"], prepared[s]["batches"][args.workload]) for s in sizes]
         results["torch"] = torch_points(models, torch_python, steps=args.steps)
     if args.stability_steps:
@@ -243,7 +248,7 @@ def report(results: dict) -> None:
     print(f"\nPeak memory per rank (MiB), batch 1, {results['workload']}; CPU resident set\n")
     for mode, data in results["modes"].items():
         points = [p for p in data["points"] if "error" not in p]
-        base = mode.partition("+")[0]
+        base = _base(mode)
         world, stage, dtype, lora, ideal = MODES[base]
         print(f"{mode}: world {world}, ZeRO stage {stage}, {dtype}{', LoRA (frozen base)' if lora else ''}")
         print("  " + f"{'size':<9}{'params':>12}" + "".join(f"{p:>19}" for p in PHASES) + f"{'step s':>9}"
@@ -280,7 +285,7 @@ def report(results: dict) -> None:
               + ", ".join(f"{p['params']:,}: {p['peak_rss_mib']:.0f} MiB" for p in usable))
         if len(usable) >= 2:
             print(f"  marginal {marginal_bytes_per_param(usable):.1f} bytes/param")
-    elif any(m.partition("+")[0] == "fp32" for m in results["modes"]):
+    elif any(_base(m) == "fp32" for m in results["modes"]):
         print("transformers + torch: not measured (no --torch_python; bash bench/make_torch_venv.sh creates the venv)")
     stability = results.get("stability")
     if stability and "error" not in stability:

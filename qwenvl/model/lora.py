@@ -90,6 +90,17 @@ class DropoutKey:
         self.words_now = self.words(seed, step, micro_batch, rank)
         ops.assign(self.param, Tensor(self.words_now))
 
+    def set_layer(self, layer: int | None) -> None:
+        """Key decoder layer `layer` apart from the others (layer-by-layer execution runs every layer on the first
+        one's salts): the words `set` last wrote mixed with the index; None restores those words."""
+        if self.words_now is None:
+            return
+        words = self.words_now
+        if layer is not None:
+            mixed = np.random.SeedSequence([int(w) % 2**32 for w in words] + [layer]).generate_state(2, np.uint32)
+            words = mixed.view(np.int32)
+        ops.assign(self.param, Tensor(words))
+
 
 @dataclass(frozen=True)
 class LoraSettings:

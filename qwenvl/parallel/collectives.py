@@ -116,13 +116,13 @@ class Collectives:
         if self.world == 1:
             return list(tensors)
         pieces: list[list[Tensor]] = [[] for _ in tensors]
-        rows: dict[int, Tensor] = {}
+        current, rows = -1, None  # the tensor being cut and its (world, chunk) rows; earlier tensors are done
         for group in column_buckets(specs, self._limit()):
             parts = []
             for i, start, end in group:
-                if i not in rows:
-                    rows = {i: _rows(tensors[i], specs[i])}  # (world, chunk); earlier tensors are done
-                parts.append(rows[i][:, start:end])
+                if i != current:
+                    current, rows = i, _rows(tensors[i], specs[i])
+                parts.append(rows[:, start:end])
             block = ops.cat(parts, axis=1)  # (world, bucket columns)
             mine = reduce_scatter_in_graph(block.reshape(-1), self.world, self._rank_index)
             for (i, start, end), piece in zip(group, ops.split(mine, [end - start for _, start, end in group])):

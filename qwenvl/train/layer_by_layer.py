@@ -28,7 +28,6 @@ import copy
 from typing import Callable, Sequence
 
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from qwenvl.runtime import graph_mode
@@ -253,11 +252,6 @@ class LayerByLayer:
             grads[slot] = value if grads[slot] is None else grads[slot] + value
 
     def _set_layer_key(self, layer: int | None) -> None:
-        """Layer i's LoRA dropout key: the step's key mixed with i (see the module docstring); None: the step's."""
-        if self.dropout_key is None or self.dropout_key.words_now is None:
-            return
-        words = self.dropout_key.words_now
-        if layer is not None:
-            words = np.random.SeedSequence([int(w) % 2**32 for w in words] + [layer]).generate_state(2, np.uint32)
-            words = words.view(np.int32)
-        ops.assign(self.dropout_key.param, Tensor(words))
+        """Layer i's LoRA dropout key (`DropoutKey.set_layer`; the module docstring); None: the step's."""
+        if self.dropout_key is not None:
+            self.dropout_key.set_layer(layer)
