@@ -269,7 +269,10 @@ def report(results: dict) -> None:
                 print(f"  of which the compiled graph's host memory {graph:.1f} bytes/param (it grows with the "
                       f"layer count, not the width); without it {slope - graph:.1f} bytes/param")  # fmt: skip
         longer = data.get("longer", {})
-        if points and longer and "error" not in longer:
+        if points and longer and "error" not in longer and longer["tokens"] <= points[0]["tokens"]:
+            print(f"  per token: --token_workload has {longer['tokens']} tokens, not more than --workload's "
+                  f"{points[0]['tokens']}")  # fmt: skip
+        elif points and longer and "error" not in longer:
             tokens = longer["tokens"] - points[0]["tokens"]
             per_token = (longer["peak_mib"] - points[0]["peak_mib"]) * 2**20 / tokens
             where = f"({points[0]['tokens']} -> {longer['tokens']} tokens, {points[0]['size']})"

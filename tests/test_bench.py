@@ -109,6 +109,9 @@ def test_memory_report_slices_the_compiled_graph_out_of_the_slope(capsys):
     longer = {"peak_mib": 999.0, "tokens": 512}  # a token-independent phase set both peaks
     memory.report({"workload": "text256", "sizes": ["a", "b"], "modes": {"fp32": {"points": points, "longer": longer}}})
     assert "per token: not measurable (256 -> 512 tokens, a)" in capsys.readouterr().out
+    longer = {"peak_mib": 1000.0, "tokens": 256}  # --token_workload the same as --workload: no division by zero
+    memory.report({"workload": "text256", "sizes": ["a", "b"], "modes": {"fp32": {"points": points, "longer": longer}}})
+    assert "per token: --token_workload has 256 tokens, not more than --workload's 256" in capsys.readouterr().out
 
 
 def test_vs_torch_without_torch_says_not_measured(tmp_path):
