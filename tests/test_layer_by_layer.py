@@ -85,6 +85,43 @@ def test_every_gradient_equals_the_whole_graph(family, tied, dense):
         np.testing.assert_array_equal(param.asnumpy(), before[param.name], err_msg=param.name)
 
 
+@pytest.mark.parametrize("family", ["qwen2.5vl", "qwen3vl"])
+def test_a_text_only_micro_batch_hands_no_vision_gradient_to_reduce(family):
+    """Without images the input stage's graph takes no vision weight: `reduce` (ZeRO-2/3's reduce-scatter, here a
+    recorder) never sees a vision slot, and the vision gradients are what `zeros` makes (here a marked value, to
+    tell them from computed zeros). Every other gradient equals the whole graph's; a batch with images after it
+    still reduces the vision gradients."""
+    model, batch = _model_and_batch(family)
+    text = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids", "attention_mask")}
+    vision_ids = [model.config.get("image_token_id", 151655), model.config.get("video_token_id", 151656)]
+    text["input_ids"] = np.where(np.isin(text["input_ids"], vision_ids), 20, text["input_ids"])
+    params = list(model.trainable_params())
+    vision = {i for i, p in enumerate(params) if p.name.startswith("model.visual.")}
+    assert vision
+    reduced, made = [], []
+
+    def reduce(slots, grads):
+        reduced.append(set(slots))
+        return grads
+
+    def zeros(slots):
+        made.append(list(slots))
+        return [ms.ops.full(params[i].shape, 7.0, dtype=params[i].dtype) for i in slots]
+
+    runner = LayerByLayer(model, params, reduce, zeros)
+    scale = Tensor(1.0, ms.float32)
+    got = runner(scale, *_positional(model, text))
+    assert not any(slots & vision for slots in reduced) and made == [sorted(vision)]
+    (_, want_sum, _), want = _whole_graph(model, params, scale, _positional(model, text))
+    np.testing.assert_allclose(float(got[0][1]), float(want_sum), rtol=1e-6)
+    for i, param in enumerate(params):
+        expected = np.full(param.shape, 7.0, np.float32) if i in vision else want[i].asnumpy()
+        np.testing.assert_allclose(got[1][i].asnumpy(), expected, rtol=1e-6, atol=1e-7, err_msg=param.name)
+    reduced.clear()
+    runner(scale, *_positional(model, batch))
+    assert vision <= set().union(*reduced) and made == [sorted(vision)]
+
+
 def test_frozen_base_with_lora_adapters_skips_the_tower_backward():
     model, batch = _model_and_batch("qwen2.5vl")
     for param in model.get_parameters():

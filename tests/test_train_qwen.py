@@ -127,6 +127,40 @@ def test_two_msrun_workers_equal_one_process_with_accumulation(tiny_model_factor
     assert "x2;" in (tmp_path / "logs" / "worker_0.log").read_text()
 
 
+@pytest.mark.parametrize("mode", ["zero3", "zero2_layer_by_layer"])
+def test_zero_on_a_mix_of_image_and_text_only_samples_equals_one_process(mode, tiny_model_factory, tmp_path):
+    """ZeRO on 2 msrun workers over a dataset alternating image and text-only samples, evaluated every 2 steps:
+    whenever one rank's micro-batch has an image and the other's has none, the text-only rank runs its vision
+    tower on an idle image (`zero3.align_vision`) so both issue the same collectives (ZeRO-3: weight gathers;
+    layer by layer: the vision gradients' reduce-scatter); the run finishes and ends with the weights of one
+    process taking both micro-batches by accumulation."""
+    import os
+
+    tiny = tiny_model_factory("qwen2.5vl")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "images").symlink_to(ROOT / "demo" / "images")
+    items = json.loads((ROOT / "demo" / "demo_images.json").read_text(encoding="utf-8"))[:8]
+    for item in items[1::2]:  # every other sample without its image
+        del item["image"]
+        item["conversations"][0]["value"] = item["conversations"][0]["value"].replace("<image>\n", "")
+    data = tmp_path / "data" / "mixed.json"
+    data.write_text(json.dumps(items), encoding="utf-8")
+    flags = ["--max_steps", "4", "--save_steps", "4", "--per_device_train_batch_size", "1", "--dataset_use", str(data),
+             "--eval_dataset_use", str(data), "--eval_strategy", "steps", "--eval_steps", "2"]  # fmt: skip
+    assert main(_flags(tiny, tmp_path / "one", *flags, "--gradient_accumulation_steps", "2")) == 0
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GLOG_v": "3",
+           "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), "LOG_DIR": str(tmp_path / "logs")}  # fmt: skip
+    zero3 = tmp_path / "zero3.json"  # every weight sharded: the tiny model's are below the default threshold
+    zero3.write_text('{"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}', encoding="utf-8")
+    zero = ["--deepspeed", str(zero3)] if mode == "zero3" else ["--zero_stage", "2", "--layer_by_layer", "True"]
+    cmd = ["bash", str(ROOT / "scripts/launch_msrun.sh"), *_flags(tiny, tmp_path / "two", *flags, *zero)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
+    assert proc.returncode == 0, (tmp_path / "logs" / "worker_0.log").read_text()[-3000:]
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def _strict_json(path: Path):
     """json.loads that refuses the bare NaN/Infinity Python writes but JSON does not allow."""
 

@@ -78,12 +78,46 @@ def test_stage_comes_from_zero_stage_deepspeed_json_or_the_legacy_optimizer(tmp_
         ZeroConfig(4)
 
 
+@pytest.mark.parametrize("family", ["qwen2vl", "qwen2.5vl", "qwen3vl"])
+def test_an_idle_image_runs_the_vision_tower_and_changes_no_loss_or_gradient(family):
+    """What a ZeRO-3 rank without images runs when another rank has some (`zero3.align_vision`): the text-only
+    batch with `with_idle_image` gets vision inputs (one merge window) whose feature no token takes; the loss and
+    every text gradient equal the text-only batch's, and every vision gradient is exactly zero."""
+    import mindspore as ms
+
+    from qwenvl.model.layers import with_idle_image
+    from tests.test_layer_by_layer import _model_and_batch, _positional, _whole_graph
+
+    model, batch = _model_and_batch(family)
+    text = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids", "attention_mask")}
+    text["input_ids"] = np.where(np.isin(text["input_ids"], [model.config["image_token_id"],
+                                                             model.config["video_token_id"]]), 20, text["input_ids"])
+    idle = with_idle_image(text, model.merge, model.patch_values)
+    inputs = model.prepare_inputs(idle)
+    assert "pixel_values" in inputs and "pixel_values" not in model.prepare_inputs(text)
+    assert inputs["pixel_values"].shape[0] == model.merge**2 and not inputs["vision_slots"].asnumpy().any()
+    params = list(model.trainable_params())
+    scale = ms.Tensor(1.0, ms.float32)
+    (_, want_sum, want_tokens), want = _whole_graph(model, params, scale, _positional(model, text))
+    (_, got_sum, got_tokens), got = _whole_graph(model, params, scale, _positional(model, idle))
+    assert float(got_tokens) == float(want_tokens) > 0
+    np.testing.assert_allclose(float(got_sum), float(want_sum), rtol=1e-6)
+    vision = [i for i, p in enumerate(params) if p.name.startswith("model.visual.")]
+    assert vision and all(not got[i].asnumpy().any() for i in vision)
+    for i, param in enumerate(params):
+        np.testing.assert_allclose(got[i].asnumpy(), want[i].asnumpy(), rtol=1e-6, atol=1e-7, err_msg=param.name)
+
+
 @pytest.mark.slow
 def test_every_stage_on_two_workers_equals_one_process(tiny_model_factory, tmp_path):
     """2 ranks x 2 micro-batches of one sample = 1 process x 4 micro-batches (token-weighted sums), 5 AdamW steps
     with weight decay and clipping, for ZeRO stages 0-3 (stage 3 shards every layer weight), float16, and stages 2
     and 3 run layer by layer (`TrainStep`'s `layer_by_layer`); stage 1 and layer-by-layer stage 2 with buckets of
-    256 values, so their reduce-scatters and all-gathers cut nearly every tensor into several.
+    256 values, so their reduce-scatters and all-gathers cut nearly every tensor into several. The `mixed` runs
+    (ZeRO-3 whole graph and layer by layer, ZeRO-2 layer by layer) give rank 1 text-only samples while rank 0's
+    have images, and step 1 text only on both: rank 1 runs the vision tower on an idle image where rank 0 has an
+    image (`zero3.align_vision`), both skip the vision gradients' reduction at step 1, and they equal one process
+    on the same batches.
 
     float32: every weight within 1e-6 (absolute, plus 1e-6 relative; weights are 0.02-1.0 in size), losses and
     gradient norms within 1e-6 relative: only the order of float32 sums differs. float16 (loss scale 2**10, float32
@@ -96,7 +130,7 @@ def test_every_stage_on_two_workers_equals_one_process(tiny_model_factory, tmp_p
 
     from qwenvl.model import load_model
     from qwenvl.parallel.world import DataParallel
-    from tests.zero_worker import RUNS, STEPS, train
+    from tests.zero_worker import MIXED_RUNS, RUNS, STEPS, train
 
     tiny = tiny_model_factory("qwen2.5vl")
     out = tmp_path / "out"
@@ -107,13 +141,16 @@ def test_every_stage_on_two_workers_equals_one_process(tiny_model_factory, tmp_p
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         reference = {dtype: train(str(tiny), DataParallel(), 0, dtype) for dtype in ("float32", "float16")}
+        reference["mixed"] = train(str(tiny), DataParallel(), 0, "float32", mixed=True)
     finally:
         ms.set_context(mode=previous)
     want = reference["float32"]
     initial = {n: p.asnumpy() for n, p in load_model(tiny).parameters_and_names()}
     moved = np.mean(np.concatenate([np.abs(want[n] - w).ravel() for n, w in initial.items()]))
     assert moved > 1e-4  # training moved the weights: the comparisons are not between initialisations
+    assert np.abs(reference["mixed"]["_loss"] - want["_loss"]).min() > 1e-3  # the mixed batches are other batches
     for run in (*RUNS, "stage3_then_stage2"):
+        want = reference["mixed"] if run in MIXED_RUNS else reference["float32"]
         for rank in range(2):
             got = dict(np.load(out / f"{run}-rank{rank}.npz"))
             assert set(got) == set(want), run

@@ -27,7 +27,7 @@ from qwenvl.data.rope2d import rope_index_fn  # noqa: E402
 from qwenvl.model import load_model, load_weights, save_model  # noqa: E402
 from qwenvl.parallel.world import DataParallel, init_distributed  # noqa: E402
 from qwenvl.parallel.zero import DEFAULT_BUCKET_ELEMENTS, ZeroConfig  # noqa: E402
-from qwenvl.parallel.zero3 import shard_weights  # noqa: E402
+from qwenvl.parallel.zero3 import align_vision, shard_weights  # noqa: E402
 from qwenvl.train.freezing import apply_tuning_flags  # noqa: E402
 from qwenvl.train.checkpoint import optimizer_files  # noqa: E402
 from qwenvl.train.optimizer import OptimizerState, build_optimizer, save_optimizer_state  # noqa: E402
@@ -39,7 +39,12 @@ STEPS = 5
 # them all
 RUNS = {"stage0": (0, "float32", False), "stage1": (1, "float32", False), "stage2": (2, "float32", False),
         "stage3": (3, "float32", False), "stage2_fp16": (2, "float16", False), "stage3_fp16": (3, "float16", False),
-        "stage2_layer_by_layer": (2, "float32", True), "stage3_layer_by_layer": (3, "float32", True)}  # fmt: skip
+        "stage2_layer_by_layer": (2, "float32", True), "stage3_layer_by_layer": (3, "float32", True),
+        "stage3_mixed": (3, "float32", False), "stage3_layer_by_layer_mixed": (3, "float32", True),
+        "stage2_layer_by_layer_mixed": (2, "float32", True)}  # fmt: skip
+# runs on `mixed` batches: rank 1's samples are text only (and step 1's all are), so its steps skip the vision
+# tower unless aligned
+MIXED_RUNS = {"stage3_mixed", "stage3_layer_by_layer_mixed", "stage2_layer_by_layer_mixed"}
 # runs whose collectives use buckets of 256 values: nearly every tensor is cut into several by columns
 SMALL_BUCKETS = {"stage1", "stage2_layer_by_layer"}
 TEXT = (9, 14, 6, 11)  # text tokens of the four samples of a global batch (different supervised counts)
@@ -55,8 +60,9 @@ def family(config: dict) -> str:
     return "qwen3vl" if config["model_type"].startswith("qwen3") else "qwen2.5vl"
 
 
-def sample(config: dict, step: int, index: int) -> dict:
-    """One sample: an 8x8-patch image between random text, labels on the text after the image."""
+def sample(config: dict, step: int, index: int, mixed: bool = False) -> dict:
+    """One sample: an 8x8-patch image between random text, labels on the text after the image; `mixed`: the
+    odd-numbered samples (rank 1's of 2), and every sample of step 1, are the same text without the image."""
     rng = np.random.default_rng(1000 * step + index)
     patch = config["vision_config"]["patch_size"]
     image, start, end = config["image_token_id"], config["vision_start_token_id"], config["vision_end_token_id"]
@@ -65,6 +71,10 @@ def sample(config: dict, step: int, index: int) -> dict:
     after = rng.integers(10, text, TEXT[index])
     ids = np.concatenate([before, [start], [image] * 16, [end], after])[None].astype(np.int64)
     labels = np.where(np.arange(ids.shape[1]) > 20, ids, -100)
+    if mixed and (index % 2 or step == 1):
+        ids = np.concatenate([before, after])[None].astype(np.int64)
+        positions = np.broadcast_to(np.arange(ids.shape[1]), (3, 1, ids.shape[1])).astype(np.int64)
+        return {"input_ids": ids, "labels": np.where(np.arange(ids.shape[1]) > 3, ids, -100), "position_ids": positions}
     grid = np.array([[1, 8, 8]], np.int64)
     positions, _ = rope_index_fn(family(config))(2, ids, grid, None, image_token_id=image,
                                                  video_token_id=config["video_token_id"],
@@ -92,8 +102,8 @@ def _model(model_dir: str, dp: DataParallel, stage: int, dtype: str, layer_by_la
 
 def train(model_dir: str, dp: DataParallel, stage: int, dtype: str, steps: range = range(STEPS),
           resume: Path | None = None, save: Path | None = None, sharded_list: Path | None = None,
-          layer_by_layer: bool = False,
-          bucket_elements: int = DEFAULT_BUCKET_ELEMENTS) -> dict[str, np.ndarray]:  # fmt: skip
+          layer_by_layer: bool = False, bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
+          mixed: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
     """Train `steps` (from the checkpoint folder `resume`, if given; into `save` at the end, if given)."""
     model, step = _model(model_dir, dp, stage, dtype, layer_by_layer, bucket_elements)
     if sharded_list is not None and dp.is_main and getattr(model, "zero3", None):
@@ -103,7 +113,8 @@ def train(model_dir: str, dp: DataParallel, stage: int, dtype: str, steps: range
         step.load_state_dict(OptimizerState(optimizer_files(resume)))
     losses, norms = [], []
     for index in steps:
-        mine = [sample(model.config, index, i) for i in range(4)][dp.rank :: dp.world_size]
+        mine = [sample(model.config, index, i, mixed) for i in range(4)][dp.rank :: dp.world_size]
+        mine = align_vision(dp, model, mine, step.reduces_vision_per_micro_batch)  # as the Trainer
         metrics = step.run([model.prepare_inputs(s) for s in mine], 1.0)
         assert not metrics.skipped, metrics
         losses.append(metrics.loss)
@@ -137,7 +148,7 @@ def main(model_dir: str, out_dir: str, only: str = "") -> None:
             continue
         bucket = 256 if name in SMALL_BUCKETS else DEFAULT_BUCKET_ELEMENTS
         result = train(model_dir, dp, stage, dtype, sharded_list=out / f"{name}-sharded.json",
-                       layer_by_layer=layer_by_layer, bucket_elements=bucket)
+                       layer_by_layer=layer_by_layer, bucket_elements=bucket, mixed=name in MIXED_RUNS)
         np.savez(out / f"{name}-rank{dp.rank}.npz", **result)
     if only:
         return

@@ -438,6 +438,25 @@ def vision_rope_cos_sin(rope_ids: np.ndarray, head_dim: int, theta: float = 1000
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
+IDLE_IMAGE = "idle_image"  # batch key: its one image is idle (`with_idle_image`)
+
+
+def with_idle_image(batch: dict, merge: int, patch_values: int) -> dict:
+    """A text-only batch with one merge window of zero pixels added, whose feature no token takes.
+
+    Its vision tower runs, so a ZeRO-3 rank with no image gathers the vision weights and reduces their gradients
+    as the ranks with images do (`qwenvl.parallel.zero3.align_vision`); every gradient it adds is exactly zero
+    (the feature's slot weight is 0). `patch_values`: the values of one patch (channels x temporal x patch^2).
+    """
+    return {**batch, "pixel_values": np.zeros((merge * merge, patch_values), np.float32),
+            "image_grid_thw": np.asarray([[1, merge, merge]], np.int64), IDLE_IMAGE: True}  # fmt: skip
+
+
+def scattered_counts(batch: dict, n_image: int, n_video: int) -> tuple[int, int]:
+    """The merged image and video features tokens take: none of an idle image (`with_idle_image`)."""
+    return (0, n_video) if batch.get(IDLE_IMAGE) else (n_image, n_video)
+
+
 def vision_scatter_index(
     input_ids: np.ndarray, image_token_id: int, video_token_id: int, n_image: int, n_video: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -40,6 +40,7 @@ from qwenvl.model.layers import (
     padded_patch_count,
     parameter_dtype,
     rotated_heads,
+    scattered_counts,
     use_half_precision_on_cpu,
     set_recompute,
     vision_reach,
@@ -322,6 +323,7 @@ class _Qwen2FamilyForConditionalGeneration(ChunkedLossHead, nn.Cell):
         self.activation_dtype = activation_dtype(self.compute_dtype)
         self.init_loss()
         self.merge = self.vision["spatial_merge_size"]
+        self.patch_values = self.vision["in_channels"] * self.vision["temporal_patch_size"] * self.vision["patch_size"] ** 2
         self.vision_head_dim = self._vision_dim() // self.vision["num_heads"]
 
     @staticmethod
@@ -369,7 +371,7 @@ class _Qwen2FamilyForConditionalGeneration(ChunkedLossHead, nn.Cell):
             grids.append(grid)
             merged.append(described // unit)
         index, slots = vision_scatter_index(
-            input_ids, self.config["image_token_id"], self.config["video_token_id"], merged[0], merged[1]
+            input_ids, self.config["image_token_id"], self.config["video_token_id"], *scattered_counts(batch, *merged)
         )
         if not pixels:
             return {}

@@ -50,6 +50,7 @@ from qwenvl.model.layers import (
     on_ascend,
     parameter_dtype,
     rotated_heads,
+    scattered_counts,
     use_half_precision_on_cpu,
     set_recompute,
     vision_rope_cos_sin,
@@ -434,6 +435,7 @@ class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
         self.image_token_id = int(config.get("image_token_id", tc.get("image_token_id", 151655)))
         self.video_token_id = int(config.get("video_token_id", tc.get("video_token_id", 151656)))
         self.merge = vc["spatial_merge_size"]
+        self.patch_values = vc["in_channels"] * vc["temporal_patch_size"] * vc["patch_size"] ** 2
         self.vision_head_dim = vc["hidden_size"] // vc["num_heads"]
         self.num_positions = vc["num_position_embeddings"]
 
@@ -461,7 +463,8 @@ class Qwen3VLForConditionalGeneration(ChunkedLossHead, nn.Cell):
                 grids.append(np.asarray(batch[grid_key], np.int64).reshape(-1, 3))
                 pixels.append(np.asarray(batch[pixel_key], np.float32))
         n_merged = [int(g.prod(-1).sum()) // self.merge**2 for g in grids]
-        index, slots = vision_scatter_index(input_ids, self.image_token_id, self.video_token_id, *n_merged)
+        index, slots = vision_scatter_index(input_ids, self.image_token_id, self.video_token_id,
+                                            *scattered_counts(batch, *n_merged))  # fmt: skip
         if sum(n_merged) == 0:
             return {name: Tensor(value) for name, value in with_tnd_lengths(inputs).items()}
         grid = np.concatenate(grids)

@@ -157,6 +157,13 @@ class ZeroPartition:
             return list(grads)
         return self._reduce_scatter(grads, indices)
 
+    def zero_part(self, indices: Sequence[int]) -> list[Tensor]:
+        """What `reduce_part` returns for those slots' gradients when they are zero on every rank, made here with
+        no collective: a layer-by-layer backward pass on a micro-batch no rank ran the vision tower on."""
+        reduced = self.partitioned and self.config.stage >= 2
+        return [ops.zeros(self.slots[i].local_shape if reduced else tuple(self.slots[i].param.shape),
+                          self.slots[i].param.dtype) for i in indices]  # fmt: skip
+
     def micro_batch(self, accumulated: list[Tensor] | None, grads: Sequence[Tensor],
                     reduced: bool = False) -> list[Tensor]:  # fmt: skip
         """Add one micro-batch's gradients (as the backward pass returned them, or already through

@@ -22,9 +22,11 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
+from qwenvl.model.layers import with_idle_image
 from qwenvl.model.weight_ops import WeightSource, sourced_weights
 from qwenvl.parallel.collectives import reduce_scatter_in_graph
 from qwenvl.parallel.layout import ShardSpec
+from qwenvl.parallel.world import DataParallel
 
 
 class ShardedWeight(WeightSource):
@@ -99,3 +101,29 @@ def shard_weights(model: nn.Cell, world: int, rank: int, threshold: int, from_va
         param.name = name
     model.zero3 = ShardedWeights({chunk.name: spec for chunk, spec in done.values()}, model.compute_dtype)
     return model.zero3
+
+
+def _has_vision(batch: dict) -> bool:
+    return batch.get("pixel_values") is not None or batch.get("pixel_values_videos") is not None
+
+
+def align_vision(dp: DataParallel, model: nn.Cell, batches: list[dict], reduces_vision: bool = False) -> list[dict]:
+    """The micro-batches (collated, numpy) a rank feeds its steps, each text-only one given an idle image when
+    another rank's micro-batch at that position has vision input and the ranks' collectives depend on it: the
+    vision weights are ZeRO-3 chunks, or `reduces_vision` (`TrainStep.reduces_vision_per_micro_batch`: a
+    layer-by-layer step reduce-scatters vision gradients only where the vision tower ran).
+
+    A compiled step gathers each sharded weight where it is used and reduce-scatters its gradient: ranks must
+    issue the same collectives in the same order, so a rank whose micro-batch skips the vision tower while
+    another runs it would pair its text layers' gathers with the other's vision ones (MindSpore's CPU
+    AllGather fails on the size mismatch). One all-reduce of a flag per micro-batch, per step, settles it; the
+    idle image adds zero to every gradient (`qwenvl.model.layers.with_idle_image`).
+    """
+    zero3 = getattr(model, "zero3", None)
+    sharded = zero3 is not None and any(n.startswith("model.visual.") for n in zero3.specs)
+    if dp.world_size == 1 or not (sharded or reduces_vision):
+        return batches
+    mine = np.asarray([_has_vision(b) for b in batches], np.float32)
+    (anywhere,) = dp.all_reduce_sum([Tensor(mine)])
+    return [with_idle_image(b, model.merge, model.patch_values) if n > 0 and not has else b
+            for b, n, has in zip(batches, anywhere.asnumpy(), mine)]  # fmt: skip

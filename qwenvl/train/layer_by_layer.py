@@ -10,7 +10,9 @@ text layer on CPU, `bench/graph_memory.py`), and its cell reuse (`lazy_inline`) 
 4. each layer again in reverse, forward and backward (gradient checkpointing: its activations are recomputed),
    giving the gradient of its input and of its weights;
 5. `layer_inputs` again, backward from the gradients of the embeddings and deepstack features (skipped when
-   nothing before the layers trains, as with LoRA).
+   nothing before the layers trains, as with LoRA). On a micro-batch without images or video this graph takes
+   no vision weights: their gradients are zero, made in their reduced shape (`zeros`) instead of computed whole
+   and reduce-scattered (at 163 M parameters that was ~8 bytes per vision parameter of a ZeRO-2 rank's peak).
 
 Steps 2 and 4 run a copy of the first layer of each structure on every layer's weights: the copy's
 Parameters are pointed at the layer's storage (`Parameter.set_data` shares, it does not copy).
@@ -25,6 +27,7 @@ masks are therefore not those of the whole-graph step (docs/upstream.md).
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Callable, Sequence
 
 import mindspore as ms
@@ -132,6 +135,7 @@ class _LayerGroup:
 
 
 Reduce = Callable[[Sequence[int], list[Tensor]], list[Tensor]]
+VISION_INPUTS = ("pixel_values", "pixel_values_videos")
 
 
 class LayerByLayer:
@@ -140,16 +144,24 @@ class LayerByLayer:
 
     `reduce(positions, grads)`, if given, takes each stage's gradients as soon as they exist (positions in
     `parameters`) and returns what to keep instead: ZeRO-2/3 reduce-scatter them there (`ZeroPartition.reduce_part`),
-    so a rank holds one layer's whole gradients at a time, not the model's.
+    so a rank holds one layer's whole gradients at a time, not the model's. `zeros(positions)`: what `reduce`
+    returns for gradients that are zero on every rank (`ZeroPartition.zero_part`; whole zeros by default), given
+    to the vision weights on micro-batches without vision input. With `reduce` collective, ranks must agree which
+    micro-batches those are (`qwenvl.parallel.zero3.align_vision`).
     """
 
-    def __init__(self, model: nn.Cell, parameters: Sequence[Parameter], reduce: Reduce | None = None) -> None:
+    def __init__(self, model: nn.Cell, parameters: Sequence[Parameter], reduce: Reduce | None = None,
+                 zeros: Callable[[Sequence[int]], list[Tensor]] | None = None) -> None:  # fmt: skip
         if not hasattr(model, "layer_inputs"):
             name = type(model).__name__
             raise ValueError(f"layer-by-layer execution needs a model with `layer_inputs`; {name} has none")
         self.model = model
         self.parameters = list(parameters)
         self.reduce = reduce
+        self.zeros = zeros or (lambda slots: [ops.zeros(self.parameters[i].shape, self.parameters[i].dtype)
+                                              for i in slots])  # fmt: skip
+        names = list(inspect.signature(model.construct).parameters)
+        self.vision_positions = [names.index(name) for name in VISION_INPUTS if name in names]
         self.layers = list(model.model.language_model.layers)
         self.dropout_key = getattr(model, "dropout_key", None)
         index = {id(p): i for i, p in enumerate(self.parameters)}
@@ -169,13 +181,23 @@ class LayerByLayer:
         stray = [p.name for i, p in enumerate(self.parameters) if i not in taken]
         if stray:
             raise ValueError(f"layer-by-layer execution: trained parameters outside every stage: {stray[:5]}")
+        self.vision_slots = [i for i in self.input_slots if self.parameters[i].name.startswith("model.visual.")]
+        self.text_input_slots = [i for i in self.input_slots if i not in self.vision_slots]
         head_weights = [self.parameters[i] for i in self.head_slots]
-        input_weights = [self.parameters[i] for i in self.input_slots]
         self.inputs_forward = ms.jit(_Inputs(model))
-        self.inputs_backward = (
-            ms.jit(ms.value_and_grad(_InputsProjection(model), None, input_weights)) if input_weights else None
+        self.inputs_backward = self._inputs_backward(model, self.input_slots)
+        self.text_inputs_backward = (
+            self._inputs_backward(model, self.text_input_slots) if self.vision_slots else self.inputs_backward
         )
         self.head = ms.jit(ms.value_and_grad(_ScaledHeadLoss(model), 0, head_weights or None, has_aux=True))
+
+    def _inputs_backward(self, model: nn.Cell, slots: Sequence[int]) -> Callable | None:
+        weights = [self.parameters[i] for i in slots]
+        return ms.jit(ms.value_and_grad(_InputsProjection(model), None, weights)) if weights else None
+
+    def has_vision(self, inputs: Sequence[Tensor | None]) -> bool:
+        """Whether the micro-batch (positional inputs) runs the vision tower."""
+        return any(i < len(inputs) and inputs[i] is not None for i in self.vision_positions)
 
     def describe(self) -> str:
         kinds = len({id(group) for group in self.group_of})
@@ -224,9 +246,15 @@ class LayerByLayer:
             gradient, weight_grads = self._split(layer_grads, bool(self.group_of[i].trainable))
             self._add(grads, self.slots[i], weight_grads)
             kept[i] = None
-        if self.inputs_backward is not None:
-            _, input_grads = self.inputs_backward(gradient, tuple(deep_gradients), *inputs)
-            self._add(grads, self.input_slots, input_grads)
+        vision = self.has_vision(inputs)
+        slots = self.input_slots if vision else self.text_input_slots
+        backward = self.inputs_backward if vision else self.text_inputs_backward
+        if backward is not None:
+            _, input_grads = backward(gradient, tuple(deep_gradients), *inputs)
+            self._add(grads, slots, input_grads)
+        if not vision:
+            for slot, zero in zip(self.vision_slots, self.zeros(self.vision_slots)):
+                grads[slot] = zero
         missing = [self.parameters[i].name for i, g in enumerate(grads) if g is None]
         if missing:
             raise AssertionError(f"no gradient for {missing[:5]}")

@@ -138,7 +138,9 @@ class TrainStep:
         # one graph per decoder-layer structure instead of the whole model (`layer_by_layer`)
         self.layer_by_layer = bool(getattr(args, "layer_by_layer", False))
         self.layer_runner = (
-            LayerByLayer(model, optimizer.parameters, self.partition.reduce_part) if self.layer_by_layer else None
+            LayerByLayer(model, optimizer.parameters, self.partition.reduce_part, self.partition.zero_part)
+            if self.layer_by_layer
+            else None
         )
         self._forward_backward = self.layer_runner or ms.jit(grad_fn)
         sizes = [int(p.size) for p in optimizer.parameters]
@@ -157,6 +159,13 @@ class TrainStep:
         self._forward_backward_squares = ms.jit(with_squares)
         self.graphs = GraphTracker()  # one compiled forward/backward graph per input signature
         self._norm_graphs: dict[tuple[int, ...], Callable] = {}
+
+    @property
+    def reduces_vision_per_micro_batch(self) -> bool:
+        """Its layer-by-layer backward pass reduce-scatters the vision weights' gradients only on micro-batches with
+        vision input, so the ranks must agree on those (`qwenvl.parallel.zero3.align_vision`)."""
+        runner, partition = self.layer_runner, self.partition
+        return bool(runner and runner.vision_slots and partition.partitioned and partition.config.stage >= 2)
 
     def positional(self, inputs: dict[str, Tensor]) -> list[Tensor | None]:
         unknown = set(inputs) - set(self._input_names)

@@ -46,6 +46,7 @@ from qwenvl.train.flops import batch_workload, device_peak_flops, model_costs, s
 from qwenvl.parallel.world import DataParallel
 from qwenvl.train.graceful_stop import StopSignals
 from qwenvl.parallel.zero import ZeroConfig
+from qwenvl.parallel.zero3 import align_vision
 from qwenvl.train.optimizer import OptimizerState, build_optimizer, save_optimizer_state
 from qwenvl.train.param_groups import build_param_groups
 from qwenvl.train.run_record import ResumeConflict, clear_previous_run, conflict_message, resume_conflicts, run_args
@@ -287,7 +288,8 @@ class Trainer:
         loss_sum, tokens = 0.0, 0.0
         for b in range(n_batches):
             samples = [data[i] for i in mine[b * bs : (b + 1) * bs]] or [null_sample()]
-            inputs = self.model.prepare_inputs(self.collate(samples))
+            (batch,) = align_vision(self.dp, self.model, [self.collate(samples)])
+            inputs = self.model.prepare_inputs(batch)
             loss, count = self._eval_fn(*self.step_fn.positional(inputs))
             loss_sum, tokens = loss_sum + float(loss), tokens + float(count)
         self.model.set_train(True)
@@ -415,7 +417,9 @@ class Trainer:
                 loaded = next(steps)
                 self._bad_samples(loaded.bad, logger)
                 start = time.perf_counter()
-                inputs = [self.model.prepare_inputs(batch) for batch in loaded.micro_batches]
+                batches = align_vision(self.dp, self.model, loaded.micro_batches,
+                                       self.step_fn.reduces_vision_per_micro_batch)  # fmt: skip
+                inputs = [self.model.prepare_inputs(batch) for batch in batches]
                 metrics = self.step_fn.run(inputs, self.lr_factor(self.state.global_step))
                 self.stop.reassert()  # a compiled step left MindSpore's SIGINT handler in place
                 elapsed = time.perf_counter() - start
