@@ -12,7 +12,7 @@ text layer on CPU, `bench/graph_memory.py`), and its cell reuse (`lazy_inline`) 
 5. `layer_inputs` again, backward from the gradients of the embeddings and deepstack features (skipped when
    nothing before the layers trains, as with LoRA). On a micro-batch without images or video this graph takes
    no vision weights: their gradients are zero, made in their reduced shape (`zeros`) instead of computed whole
-   and reduce-scattered (at 163 M parameters that was ~8 bytes per vision parameter of a ZeRO-2 rank's peak).
+   and reduce-scattered (a ZeRO-2 rank's peak at 163 M parameters fell ~200 MiB: BENCHMARKS.md, run D).
 
 Steps 2 and 4 run a copy of the first layer of each structure on every layer's weights: the copy's
 Parameters are pointed at the layer's storage (`Parameter.set_data` shares, it does not copy).
