@@ -34,11 +34,11 @@ MEASURED = {
 # The same modes with `--layer_by_layer`, over three sizes:
 #   GLOG_v=3 python bench/memory.py --modes fp32,zero2_fp16,zero3_fp16,lora_fp16 --sizes mem109m,mem136m,mem163m \
 #       --steps 3 --workload text256 --token_workload text512 --layer_by_layer
-# at aa11cd7, ZeRO-2/3 again at e4adfe8 (text-only micro-batches skip the vision gradients; BENCHMARKS.md run D).
+# at aa11cd7, ZeRO-2/3 again at 2f01ee3 (each stage's whole gradients released before the next stage; BENCHMARKS.md run E).
 MEASURED_LAYER_BY_LAYER = {
     ("fp32", "mem109m"): 2430, ("fp32", "mem136m"): 2867, ("fp32", "mem163m"): 3282,
-    ("zero2_fp16", "mem109m"): 2186, ("zero2_fp16", "mem136m"): 2498, ("zero2_fp16", "mem163m"): 2774,
-    ("zero3_fp16", "mem109m"): 2226, ("zero3_fp16", "mem136m"): 2359, ("zero3_fp16", "mem163m"): 2540,
+    ("zero2_fp16", "mem109m"): 2201, ("zero2_fp16", "mem136m"): 2473, ("zero2_fp16", "mem163m"): 2690,
+    ("zero3_fp16", "mem109m"): 2180, ("zero3_fp16", "mem136m"): 2377, ("zero3_fp16", "mem163m"): 2530,
     ("lora_fp16", "mem109m"): 1174, ("lora_fp16", "mem136m"): 1235, ("lora_fp16", "mem163m"): 1292,
 }  # fmt: skip
 MODES = {  # bench/memory.py MODES
