@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Parameter, Tensor
+from mindspore import Parameter, Tensor, nn
 
 from qwenvl.parallel.layout import ShardSpec
 from qwenvl.parallel.world import DataParallel
 from qwenvl.parallel.zero import ZeroConfig, ZeroPartition
+from qwenvl.runtime import graph_mode
 from qwenvl.train.optimizer import LARGE_TENSOR, AdamW, OptimizerState, build_optimizer, save_optimizer_state
 from qwenvl.train.param_groups import ParamGroup
 
@@ -34,9 +35,10 @@ def _grads(steps: int) -> list[dict[str, np.ndarray]]:
     return [{name: rng.normal(0, 1, shape).astype(np.float32) for name, shape in SHAPES.items()} for _ in range(steps)]
 
 
-# the two CPU kernels: FusedCastAdamWeightDecay for tensors under LARGE_TENSOR elements, the Adam kernel on moments
-# kept at running scales for larger float32 tensors (every tensor here with large_tensor=1)
-KERNELS = {"fused_cast": LARGE_TENSOR, "scaled_moments": 1}
+# the two CPU paths of float32 weights: numpy in place for tensors under LARGE_TENSOR elements (host_adamw), the Adam
+# kernel on moments kept at running scales for larger ones (every tensor here with large_tensor=1); half-precision
+# weights take FusedCastAdamWeightDecay (test_half_precision_weights_follow_float32_masters)
+KERNELS = {"host": LARGE_TENSOR, "scaled_moments": 1}
 
 
 def _optimizer(values: dict[str, np.ndarray], dtype=ms.float32, large_tensor: int = LARGE_TENSOR):
@@ -85,6 +87,7 @@ def test_fused_adamw_matches_torch_formula_over_steps(kernel):
     init, grads = _initial(), _grads(len(LR_FACTORS))
     opt, params = _optimizer(init, large_tensor=KERNELS[kernel])
     assert opt.scaled == [kernel == "scaled_moments"] * len(SHAPES)
+    assert opt.on_host == [kernel == "host"] * len(SHAPES)
     for grad, factor, coef in zip(grads, LR_FACTORS, COEFS):
         _step(opt, grad, factor, coef)
     assert opt.step_count == len(LR_FACTORS)
@@ -112,6 +115,19 @@ def test_half_precision_weights_follow_float32_masters():
     _assert_close({m.name.removeprefix("master."): m.asnumpy() for m in opt.masters}, want, atol=2e-6)
     for name, value in _values(params).items():
         np.testing.assert_array_equal(value, want[name].astype(np.float16).astype(np.float32), err_msg=name)
+
+
+def test_float32_weights_take_float16_gradients():
+    """ZeRO-3 with half-precision compute hands float32 weight chunks float16 gradients: the update is torch's on
+    those gradients, not on float16 squares or products (a loss scale puts them near float16's limits)."""
+    init, grads = _initial(), _grads(len(LR_FACTORS))
+    scale = 2.0**10
+    opt, params = _optimizer(init)
+    assert all(opt.on_host)
+    for grad, factor in zip(grads, LR_FACTORS):
+        opt.step([Tensor(grad[p.name] * scale, ms.float16) for p in opt.parameters], 1.0 / scale, factor)
+    half = [{n: (g * scale).astype(np.float16).astype(np.float32) / scale for n, g in grad.items()} for grad in grads]
+    _assert_close(_values(params), _torch_adamw(init, half, LR_FACTORS, [1.0] * len(LR_FACTORS)))
 
 
 def test_rejects_wrong_gradient_count_duplicates_and_unknown_optim():
@@ -150,9 +166,9 @@ def test_state_round_trip_continues_identically(tmp_path, kernel):
     _assert_close(_values(resumed_params), _torch_adamw(init, grads, LR_FACTORS, COEFS))
 
 
-@pytest.mark.parametrize("saver,loader", [("scaled_moments", "fused_cast"), ("fused_cast", "scaled_moments")])
-def test_moments_carry_over_between_the_two_kernels(tmp_path, saver, loader):
-    """A state saved by one kernel resumes under the other (another size rule or dtype): moments saved at a scale
+@pytest.mark.parametrize("saver,loader", [("scaled_moments", "host"), ("host", "scaled_moments")])
+def test_moments_carry_over_between_the_two_paths(tmp_path, saver, loader):
+    """A state saved by one path resumes under the other (another size rule): moments saved at a scale
     are multiplied out, true moments are taken at unit scale; the run continues on torch's trajectory."""
     init, grads = _initial(), _grads(len(LR_FACTORS))
     opt, params = _optimizer(init, large_tensor=KERNELS[saver])
@@ -194,7 +210,7 @@ def test_chunks_saved_by_two_ranks_join_into_a_world_of_one(tmp_path):
     # this rank's share of a two-rank layout, from the whole tensor of a world-of-one file
     one = _saved(opt, tmp_path / "whole.safetensors")
     spec = ShardSpec((5, 2), 2, 1)
-    moment = next(m for m in opt.exp_avg if m.name == "exp_avg.b.weight").asnumpy()
+    moment = opt.state_dict()[0]["exp_avg.b.weight"]
     np.testing.assert_array_equal(spec.take(one.full("exp_avg.b.weight", spec)), moment.reshape(-1)[5:])
 
 
@@ -229,3 +245,38 @@ def test_legacy_whole_parameter_files_load(tmp_path):
     got, _ = fresh.state_dict()
     for key in names:
         np.testing.assert_array_equal(got[key], state[key], err_msg=key)
+
+
+class _Read(nn.Cell):
+    """A compiled graph reading Parameters: what the next forward pass sees."""
+
+    def __init__(self, params) -> None:
+        super().__init__()
+        self.weights = ms.ParameterTuple(params)
+
+    def construct(self, x):
+        return [w * x for w in self.weights]
+
+
+def test_host_updates_reach_compiled_graphs_also_after_set_data():
+    """The numpy update writes where compiled graphs read a Parameter, also for one `set_data` just replaced (a
+    checkpoint load) and that no graph has read since: the first step's values computed by hand. Graph mode, as
+    training runs (in PyNative mode a compiled graph keeps reading the storage a Parameter had when it first ran)."""
+    init = {name: np.full(shape, 1.0, np.float32) for name, shape in SHAPES.items()}
+    grad = {name: np.full(shape, 0.5, np.float32) for name, shape in SHAPES.items()}
+    hyper = {n: (lr, wd) for _, names, lr, wd in GROUPS for n in names}
+    with graph_mode():
+        opt, params = _optimizer(init)
+        assert all(opt.on_host)
+        read = ms.jit(_Read(list(params.values())).construct)
+        one = Tensor(1.0, ms.float32)
+        read(one)
+        params["b.bias"].set_data(Tensor(np.full(SHAPES["b.bias"], 3.0, np.float32)))
+        _step(opt, grad, 1.0)
+        seen = read(one)
+    # step 1: m = 0.1 g, v = 0.05 g^2; the update lr * (m / 0.1) / (sqrt(v / 0.05) + eps) = lr * g / (|g| + eps)
+    for (name, param), value in zip(params.items(), seen):
+        lr, wd = hyper[name]
+        want = (3.0 if name == "b.bias" else 1.0) * (1 - lr * wd) - lr * 0.5 / (0.5 + EPS)
+        np.testing.assert_allclose(value.asnumpy(), want, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(param.asnumpy(), want, rtol=1e-6, err_msg=name)

@@ -6,7 +6,9 @@ scaled gradient of the tensor being updated): with lr' = lr * sqrt(bc2) / bc1, e
 and decay' = decay * bc1 / sqrt(bc2) its `w - lr' * (m / (sqrt(v) + eps') + decay' * w)` is exactly
 torch's `w * (1 - lr * decay) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. Gradient unscaling and
 clipping arrive as one coefficient multiplied into each gradient inside the same graph. On CPU two kernels
-take the coefficient without a scaled gradient tensor (`_FusedAdamW`, `_MomentScale`).
+take the coefficient without a scaled gradient tensor (`_FusedAdamW`, `_MomentScale`), and the float32 masters of
+small tensors are updated by numpy where they lie (`host_adamw`: no kernel launches), except those a world-1
+half-precision weight is copied back from.
 
 Master weights: a float32 parameter that this rank updates whole is its own master. Otherwise (half
 precision weights, or ZeRO stages 1-3 where the rank updates a chunk of a replicated parameter) the
@@ -30,6 +32,7 @@ from qwenvl.model.device import on_cpu
 from qwenvl.parallel.layout import ShardSpec
 from qwenvl.parallel.world import DataParallel
 from qwenvl.parallel.zero import Slot, ZeroConfig, ZeroPartition
+from qwenvl.train.host_adamw import HostAdamW
 from qwenvl.train.param_groups import ParamGroup
 
 _ADAM = ops.AdamWeightDecay()
@@ -59,13 +62,13 @@ class _FusedAdamW(nn.Cell):
       It has no gradient scale, so their moments are kept divided by running scales (`_MomentScale`).
     """
 
-    def __init__(self, masters, exp_avgs, exp_avg_sqs, lrs, wds, copies, copy_index, betas, eps, scaled) -> None:
+    def __init__(self, masters, exp_avgs, exp_avg_sqs, lrs, wds, copies, copy_masters, betas, eps, scaled) -> None:
         super().__init__(auto_prefix=False)
         self.masters = ParameterTuple(masters)
         self.exp_avg = ParameterTuple(exp_avgs)
         self.exp_avg_sq = ParameterTuple(exp_avg_sqs)
         self.copies = ParameterTuple(copies)
-        self.copy_masters = ParameterTuple([masters[i] for i in copy_index])
+        self.copy_masters = ParameterTuple(copy_masters)
         self.lrs, self.wds, self.scaled = tuple(lrs), tuple(wds), tuple(scaled)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
 
@@ -153,8 +156,8 @@ class AdamW:
         self.eps = float(eps)
         self.step_count = 0
         self.masters: list[Parameter] = []
-        copies, copy_index = [], []
-        for index, slot in enumerate(self.slots):
+        copies, copy_masters = [], []
+        for slot in self.slots:
             if _owns_master(slot):
                 self.masters.append(slot.param)
                 continue
@@ -162,16 +165,27 @@ class AdamW:
             self.masters.append(_fp32_parameter(value if slot.sharded else slot.spec.take(value), f"master.{slot.name}"))
             if slot.spec.world == 1:
                 copies.append(slot.param)
-                copy_index.append(index)
-        self.exp_avg = [_zeros(s.local_shape, f"exp_avg.{s.name}") for s in self.slots]
-        self.exp_avg_sq = [_zeros(s.local_shape, f"exp_avg_sq.{s.name}") for s in self.slots]
+                copy_masters.append(self.masters[-1])
         # by the whole tensor's size, so every rank of a ZeRO partition treats a tensor alike
         self.scaled = [on_cpu() and s.param.dtype == ms.float32 and s.spec.numel >= large_tensor for s in self.slots]
+        # the masters a half-precision weight is copied back from in the compiled update stay there with it
+        self.on_host = [on_cpu() and not scaled and (_owns_master(s) or s.spec.world > 1)
+                        for s, scaled in zip(self.slots, self.scaled)]  # fmt: skip
+        host = [i for i, on_host in enumerate(self.on_host) if on_host]
+        self._host = HostAdamW([self.masters[i] for i in host], [self.slots[i].lr for i in host],
+                               [self.slots[i].weight_decay for i in host], self.betas, self.eps)  # fmt: skip
+        self._host_index = {slot: k for k, slot in enumerate(host)}
+        self._in_kernel = [i for i, on_host in enumerate(self.on_host) if not on_host]
+        self.exp_avg = {i: _zeros(self.slots[i].local_shape, f"exp_avg.{self.slots[i].name}") for i in self._in_kernel}
+        self.exp_avg_sq = {i: _zeros(self.slots[i].local_shape, f"exp_avg_sq.{self.slots[i].name}")
+                           for i in self._in_kernel}  # fmt: skip
         self.moment_scale = _MomentScale(self.betas)
-        self._kernel = _FusedAdamW(self.masters, self.exp_avg, self.exp_avg_sq, [s.lr for s in self.slots],
-                                   [s.weight_decay for s in self.slots], copies, copy_index, self.betas, self.eps,
-                                   self.scaled)  # fmt: skip
-        self._kernel_fn = ms.jit(self._kernel.construct)
+        kernel = self._in_kernel
+        self._kernel = _FusedAdamW([self.masters[i] for i in kernel], [self.exp_avg[i] for i in kernel],
+                                   [self.exp_avg_sq[i] for i in kernel], [self.slots[i].lr for i in kernel],
+                                   [self.slots[i].weight_decay for i in kernel], copies, copy_masters, self.betas,
+                                   self.eps, [self.scaled[i] for i in kernel])  # fmt: skip
+        self._kernel_fn = ms.jit(self._kernel.construct) if kernel else None
 
     @property
     def parameters(self) -> tuple[Parameter, ...]:
@@ -192,11 +206,27 @@ class AdamW:
         scaled_step = lr_factor / bc1 * bc2_sqrt * self.moment_scale.m / root_v
         scalars = (coef, 1.0 / coef, lr_factor, bc1, bc2_sqrt, scaled_step, scaled_beta1, scaled_beta2,
                    self.eps * bc2_sqrt / root_v)  # fmt: skip
-        # the gradients as separate inputs: cheaper to pass than a mutable tuple (~0.3 ms a call for 57 tensors)
-        self._kernel_fn(*(Tensor(float(v), ms.float32) for v in scalars), *grads)
+        if self._kernel_fn is not None:
+            # the gradients as separate inputs: cheaper to pass than a mutable tuple (~0.3 ms a call for 57 tensors)
+            self._kernel_fn(*(Tensor(float(v), ms.float32) for v in scalars), *(grads[i] for i in self._in_kernel))
+        self._host.step([grads[i] for i in self._host_index], coef, lr_factor, bc1, bc2_sqrt)
         self.partition.gather_parameters(self.masters)
 
     # ----- state ---------------------------------------------------------------------------------
+
+    def _moments(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slot `index`'s (exp_avg, exp_avg_sq) as kept (host views, or the kernel's Parameters read)."""
+        if index in self._host_index:
+            return self._host.moments(self._host_index[index])
+        return self.exp_avg[index].asnumpy(), self.exp_avg_sq[index].asnumpy()
+
+    def _set_moments(self, index: int, exp_avg: np.ndarray, exp_avg_sq: np.ndarray) -> None:
+        if index in self._host_index:
+            for kept, value in zip(self._host.moments(self._host_index[index]), (exp_avg, exp_avg_sq)):
+                kept[:] = value
+            return
+        for target, value in ((self.exp_avg[index], exp_avg), (self.exp_avg_sq[index], exp_avg_sq)):
+            target.set_data(Tensor(value.reshape(target.shape), ms.float32))
 
     def owns_state_file(self) -> bool:
         """Whether this rank writes an optimizer file: every rank when state is partitioned, else rank 0."""
@@ -207,9 +237,10 @@ class AdamW:
         `scaled` tensors are saved as kept, with their scale (`exp_avg_scale.<name>`, `exp_avg_sq_scale.<name>`:
         the moment is the tensor times it), so a resumed run continues bit for bit."""
         state = {"step": np.asarray(self.step_count, np.int64)}
-        for slot, master, m, v, scaled in zip(self.slots, self.masters, self.exp_avg, self.exp_avg_sq, self.scaled):
-            state[f"exp_avg.{slot.name}"] = m.asnumpy()
-            state[f"exp_avg_sq.{slot.name}"] = v.asnumpy()
+        for index, (slot, master, scaled) in enumerate(zip(self.slots, self.masters, self.scaled)):
+            m, v = self._moments(index)
+            state[f"exp_avg.{slot.name}"] = m.copy()
+            state[f"exp_avg_sq.{slot.name}"] = v.copy()
             if scaled:
                 state[f"exp_avg_scale.{slot.name}"] = np.asarray(self.moment_scale.m, np.float64)
                 state[f"exp_avg_sq_scale.{slot.name}"] = np.asarray(self.moment_scale.v, np.float64)
@@ -229,16 +260,19 @@ class AdamW:
         scales = [float(state.scalar(f"{key}_scale.{saved[0]}")) for key in ("exp_avg", "exp_avg_sq")] if saved else []
         # one scale for all of a file's scaled moments; none (or zero: saved before the first step) -> unit scale
         self.moment_scale.m, self.moment_scale.v = scales if scales and min(scales) > 0 else (1.0, 1.0)
-        for slot, master, m, v, scaled in zip(self.slots, self.masters, self.exp_avg, self.exp_avg_sq, self.scaled):
+        for index, (slot, master, scaled) in enumerate(zip(self.slots, self.masters, self.scaled)):
             spec = slot.spec
-            for target, key, kept in ((m, "exp_avg", self.moment_scale.m), (v, "exp_avg_sq", self.moment_scale.v)):
+            moments = {"exp_avg": self.moment_scale.m, "exp_avg_sq": self.moment_scale.v}
+            values = []
+            for key, kept in moments.items():
                 value = spec.take(state.full(f"{key}.{slot.name}", spec))
                 scale_key = f"{key}_scale.{slot.name}"
                 scale = float(state.scalar(scale_key)) if state.has(scale_key) else 1.0
                 wanted = kept if scaled else 1.0
                 if scale != wanted:
                     value = value * (scale / wanted)
-                target.set_data(Tensor(np.asarray(value, np.float32).reshape(target.shape), ms.float32))
+                values.append(np.asarray(value, np.float32).reshape(-1))
+            self._set_moments(index, *values)
             if (master is not slot.param or slot.sharded) and state.has(f"master.{slot.name}"):
                 value = spec.take(state.full(f"master.{slot.name}", spec)).reshape(master.shape)
                 master.set_data(Tensor(value, ms.float32))
