@@ -260,11 +260,11 @@ class AdamW:
         scales = [float(state.scalar(f"{key}_scale.{saved[0]}")) for key in ("exp_avg", "exp_avg_sq")] if saved else []
         # one scale for all of a file's scaled moments; none (or zero: saved before the first step) -> unit scale
         self.moment_scale.m, self.moment_scale.v = scales if scales and min(scales) > 0 else (1.0, 1.0)
+        kept_scales = {"exp_avg": self.moment_scale.m, "exp_avg_sq": self.moment_scale.v}
         for index, (slot, master, scaled) in enumerate(zip(self.slots, self.masters, self.scaled)):
             spec = slot.spec
-            moments = {"exp_avg": self.moment_scale.m, "exp_avg_sq": self.moment_scale.v}
             values = []
-            for key, kept in moments.items():
+            for key, kept in kept_scales.items():
                 value = spec.take(state.full(f"{key}.{slot.name}", spec))
                 scale_key = f"{key}_scale.{slot.name}"
                 scale = float(state.scalar(scale_key)) if state.has(scale_key) else 1.0
