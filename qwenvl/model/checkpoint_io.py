@@ -20,7 +20,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -157,8 +157,8 @@ class TensorPlan:
         return math.prod(self.shape) * _TAG_BYTES[self.tag]
 
 
-def _header(plans: Sequence[TensorPlan]) -> bytes:
-    entries, offset = {"__metadata__": {"format": "pt"}}, 0
+def _header(plans: Sequence[TensorPlan], metadata: Mapping[str, str] | None = None) -> bytes:
+    entries, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
     for plan in plans:
         entries[plan.name] = {"dtype": plan.tag, "shape": list(plan.shape), "data_offsets": [offset, offset + plan.nbytes]}
         offset += plan.nbytes
@@ -177,6 +177,30 @@ def _shards(plans: Sequence[TensorPlan], max_shard_size: int) -> list[list[int]]
     return groups
 
 
+def _write_file(target: Path | None, plans: Sequence[TensorPlan], indices: Sequence[int],
+                read: Callable[[int], np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """One safetensors file of `plans[i]` for `i` in `indices`, each tensor read, written and dropped in turn,
+    under a temporary name replaced at the end (a crash leaves no half-written file); `target` None only reads."""
+    handle = None
+    if target is not None:
+        header = _header([plans[i] for i in indices], metadata)
+        handle = open(target.with_name(f".{target.name}.tmp"), "wb")
+        handle.write(struct.pack("<Q", len(header)) + header)
+    try:
+        for i in indices:
+            value = np.ascontiguousarray(read(i))
+            if handle is not None:
+                if value.nbytes != plans[i].nbytes:
+                    raise ValueError(f"{plans[i].name}: {value.nbytes} bytes read, {plans[i].nbytes} planned")
+                handle.write(value)  # the array's own buffer: no bytes copy of it
+            del value  # before the next read
+    finally:
+        if handle is not None:
+            handle.close()
+    if target is not None:
+        target.with_name(f".{target.name}.tmp").replace(target)
+
+
 def write_safetensors(
     plans: Sequence[TensorPlan], read: Callable[[int], np.ndarray], out_dir: Path | None, max_shard_size: int
 ) -> list[str]:
@@ -189,25 +213,50 @@ def write_safetensors(
     names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
                                                     for i in range(len(groups))]  # fmt: skip
     for file_name, group in zip(names, groups):
-        handle = None
-        if out_dir is not None:
-            header = _header([plans[i] for i in group])
-            handle = open(out_dir / f".{file_name}.tmp", "wb")
-            handle.write(struct.pack("<Q", len(header)) + header)
-        try:
-            for i in group:
-                value = np.ascontiguousarray(read(i))
-                if handle is not None:
-                    if value.nbytes != plans[i].nbytes:
-                        raise ValueError(f"{plans[i].name}: {value.nbytes} bytes read, {plans[i].nbytes} planned")
-                    handle.write(value.tobytes())
-        finally:
-            if handle is not None:
-                handle.close()
-        if out_dir is not None:
-            (out_dir / f".{file_name}.tmp").replace(out_dir / file_name)
+        _write_file(out_dir / file_name if out_dir is not None else None, plans, group, read)
     if out_dir is not None and len(groups) > 1:
         weight_map = {plans[i].name: name for name, group in zip(names, groups) for i in group}
         index = {"metadata": {"total_size": sum(p.nbytes for p in plans)}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
     return names
+
+
+class LazyTensors(Mapping[str, np.ndarray]):
+    """Named tensors whose shapes and dtypes are known up front and whose values are read only when asked for
+    (each read is a fresh array), so `write_tensor_file` holds one of them at a time."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple[int, ...], str, Callable[[], np.ndarray]]] = {}
+
+    def add(self, name: str, shape: Sequence[int], dtype_name: str, read: Callable[[], np.ndarray]) -> None:
+        self._entries[name] = (tuple(int(n) for n in shape), str(dtype_name), read)
+
+    def put(self, name: str, value: np.ndarray) -> None:
+        """A value already at hand (a scalar, a small array)."""
+        value = np.asarray(value)
+        self.add(name, value.shape, str(value.dtype), lambda: value)
+
+    def plan(self, name: str) -> TensorPlan:
+        shape, dtype_name, _ = self._entries[name]
+        return TensorPlan(name, shape, safetensors_tag(dtype_name))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._entries[name][2]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def write_tensor_file(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """One safetensors file of `tensors` (a `LazyTensors` streams; other mappings are written as they are)."""
+    if not isinstance(tensors, LazyTensors):
+        lazy = LazyTensors()
+        for name, value in tensors.items():
+            lazy.put(name, value)
+        tensors = lazy
+    names = list(tensors)
+    _write_file(Path(path), [tensors.plan(n) for n in names], range(len(names)), lambda i: tensors[names[i]],
+                metadata)

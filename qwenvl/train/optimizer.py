@@ -28,6 +28,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.ops.operations.inner_ops import FusedCastAdamWeightDecay
 
+from qwenvl.model.checkpoint_io import LazyTensors, write_tensor_file
 from qwenvl.model.device import on_cpu
 from qwenvl.parallel.layout import ShardSpec
 from qwenvl.parallel.world import DataParallel
@@ -215,11 +216,19 @@ class AdamW:
     # ----- state ---------------------------------------------------------------------------------
 
     def _moments(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Slot `index`'s (exp_avg, exp_avg_sq): copies of the host arrays' views, or the kernel's Parameters read
-        (already host copies: copying them again held every moment twice while saving, +8 B/param at float32)."""
+        """Slot `index`'s (exp_avg, exp_avg_sq): copies of the host arrays' views, or the kernel's Parameters read."""
+        return self._moment(index, 0), self._moment(index, 1)
+
+    def _moment(self, index: int, which: int) -> np.ndarray:
+        """Slot `index`'s exp_avg (`which` 0) or exp_avg_sq (1), a fresh array (reading a Parameter copies it)."""
         if index in self._host_index:
-            return tuple(view.copy() for view in self._host.moments(self._host_index[index]))
-        return self.exp_avg[index].asnumpy(), self.exp_avg_sq[index].asnumpy()
+            return self._host.moments(self._host_index[index])[which].copy()
+        return (self.exp_avg, self.exp_avg_sq)[which][index].asnumpy()
+
+    def _moment_shape(self, index: int) -> tuple[int, ...]:
+        if index in self._host_index:
+            return self._host.moments(self._host_index[index])[0].shape
+        return tuple(self.exp_avg[index].shape)
 
     def _set_moments(self, index: int, exp_avg: np.ndarray, exp_avg_sq: np.ndarray) -> None:
         if index in self._host_index:
@@ -233,20 +242,22 @@ class AdamW:
         """Whether this rank writes an optimizer file: every rank when state is partitioned, else rank 0."""
         return self.partition.partitioned or self.partition.dp.rank == 0
 
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """This rank's moments and separate masters (whole tensors, or chunks) and the layout metadata. Moments of
-        `scaled` tensors are saved as kept, with their scale (`exp_avg_scale.<name>`, `exp_avg_sq_scale.<name>`:
-        the moment is the tensor times it), so a resumed run continues bit for bit."""
-        state = {"step": np.asarray(self.step_count, np.int64)}
+    def state_dict(self) -> tuple[LazyTensors, dict[str, str]]:
+        """This rank's moments and separate masters (whole tensors, or chunks) and the layout metadata, each
+        tensor read when it is asked for, so saving holds one at a time. Moments of `scaled` tensors are saved
+        as kept, with their scale (`exp_avg_scale.<name>`, `exp_avg_sq_scale.<name>`: the moment is the tensor
+        times it), so a resumed run continues bit for bit."""
+        state = LazyTensors()
+        state.put("step", np.asarray(self.step_count, np.int64))
         for index, (slot, master, scaled) in enumerate(zip(self.slots, self.masters, self.scaled)):
-            m, v = self._moments(index)
-            state[f"exp_avg.{slot.name}"] = m
-            state[f"exp_avg_sq.{slot.name}"] = v
+            for which, key in enumerate(("exp_avg", "exp_avg_sq")):
+                state.add(f"{key}.{slot.name}", self._moment_shape(index), "float32",
+                          lambda index=index, which=which: self._moment(index, which))  # fmt: skip
             if scaled:
-                state[f"exp_avg_scale.{slot.name}"] = np.asarray(self.moment_scale.m, np.float64)
-                state[f"exp_avg_sq_scale.{slot.name}"] = np.asarray(self.moment_scale.v, np.float64)
+                state.put(f"exp_avg_scale.{slot.name}", np.asarray(self.moment_scale.m, np.float64))
+                state.put(f"exp_avg_sq_scale.{slot.name}", np.asarray(self.moment_scale.v, np.float64))
             if master is not slot.param or slot.sharded:  # a ZeRO-3 chunk is saved as weights in the model dtype
-                state[f"master.{slot.name}"] = master.asnumpy()
+                state.add(f"master.{slot.name}", master.shape, str(master.dtype), master.asnumpy)
         world = self.partition.dp.world_size if self.partition.partitioned else 1
         rank = self.partition.dp.rank if self.partition.partitioned else 0
         return state, {"zero_world": str(world), "zero_rank": str(rank)}
@@ -337,9 +348,8 @@ class OptimizerState:
 
 
 def save_optimizer_state(path: Path, state: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
-    from safetensors.numpy import save_file
-
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path), metadata=dict(metadata))
+    """One rank's optimizer file, streamed tensor by tensor from a `state_dict`."""
+    write_tensor_file(Path(path), state, metadata)
 
 
 def build_optimizer(groups: Sequence[ParamGroup], args, dp: DataParallel | None = None, zero: ZeroConfig | None = None,

@@ -23,6 +23,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from qwenvl.model.checkpoint_io import LazyTensors
 from qwenvl.model.device import on_cpu
 from qwenvl.model.weight_ops import sync_trainable
 from qwenvl.train.graph_tracker import GraphTracker, signature
@@ -250,14 +251,14 @@ class TrainStep:
         self.skipped_steps += 1
         return StepMetrics(loss, norm, n_tokens, True, self._current_scale(), reason)
 
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """Optimizer moments, masters and step, loss-scale state and the skipped-step count, as numpy arrays,
-        with the ZeRO layout metadata."""
+    def state_dict(self) -> tuple[LazyTensors, dict[str, str]]:
+        """Optimizer moments, masters and step (read as they are asked for), loss-scale state and the
+        skipped-step count, with the ZeRO layout metadata."""
         state, metadata = self.optimizer.state_dict()
-        state["skipped_steps"] = np.asarray(self.skipped_steps, np.int64)
+        state.put("skipped_steps", np.asarray(self.skipped_steps, np.int64))
         if self.loss_scale:
-            state["loss_scale"] = np.asarray(self.loss_scale.scale, np.float64)
-            state["loss_scale_good_steps"] = np.asarray(self.loss_scale.good_steps, np.int64)
+            state.put("loss_scale", np.asarray(self.loss_scale.scale, np.float64))
+            state.put("loss_scale_good_steps", np.asarray(self.loss_scale.good_steps, np.int64))
         return state, metadata
 
     def load_state_dict(self, state: OptimizerState) -> None:
