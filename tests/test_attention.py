@@ -208,3 +208,82 @@ def test_layers_of_one_configuration_share_one_core_and_block_sizes_swap_cores()
         assert all(core is inside[0] and core.block == 4 for core in inside)
         assert text[0].block == attention.QUERY_BLOCK  # swapped, not changed: the other model keeps 512
     assert [layer.self_attn.attn.core for layer in model.model.language_model.layers] == text
+
+
+# ------------------------------------------------------------------ the fused CPU kernel (cpu_attention.cc)
+
+FUSED_SEGMENTS = {
+    **SEGMENTS,
+    # 150 positions: four packed samples across 64-key blocks, a padding tail; rows not a multiple of 4
+    "long": text_segment_ids(1, 150, np.array([[1] * 141 + [0] * 9]), cu_seqlens=np.array([0, 40, 63, 130, 150])),
+}
+
+
+@pytest.mark.parametrize("dim", [16, 80])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout", sorted(FUSED_SEGMENTS))
+def test_fused_cpu_attention_equals_dense_in_values_and_gradients(layout, causal, dim):
+    """What CPU training runs: the compiled kernel, against the dense-mask reference, heads grouped 4 on 2
+    (the kv heads' gradients summed over their query heads); head sizes of the tiny model and of Qwen2.5-VL's
+    vision tower (80). Padding rows are weighed out of the loss: their outputs are never used."""
+    seg = FUSED_SEGMENTS[layout]
+    q, k, v, seg_t, weights = _case(seg, dim=dim, seed=11)
+    weights = weights * Tensor(np.repeat((seg >= 0)[:, :, None], weights.shape[-1], 2).astype(np.float32))
+    scale = dim**-0.5
+    fused = SegmentAttention(scale, causal)
+    assert fused.use_fused, "the fused kernel did not build here"
+    dense = lambda q, k, v, s: _dense(q, k, v, s, scale, causal)  # noqa: E731
+    real = np.broadcast_to((seg >= 0)[:, :, None], weights.shape)
+    got, want = fused(q, k, v, seg_t).asnumpy(), dense(q, k, v, seg_t).asnumpy()
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)  # float32 sums in another order
+    got = ms.grad(_Loss(fused, weights), grad_position=(0, 1, 2))(q, k, v, seg_t)
+    want = ms.grad(_Loss(dense, weights), grad_position=(0, 1, 2))(q, k, v, seg_t)
+    for name, a, b in zip("qkv", got, want):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_fused_cpu_attention_in_a_compiled_half_precision_step():
+    """Graph mode, float16 inputs (the kernel computes in float32): outputs and gradients in float16, equal to
+    the float32 dense reference to float16's precision."""
+    seg = FUSED_SEGMENTS["long"]
+    q, k, v, seg_t, weights = _case(seg, dim=16, seed=4)
+    weights = weights * Tensor(np.repeat((seg >= 0)[:, :, None], weights.shape[-1], 2).astype(np.float32))
+    half = [ops.cast(t, ms.float16) for t in (q, k, v)]
+    loss = _Loss(SegmentAttention(0.25, True), weights)
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        value, grads = ms.jit(ms.value_and_grad(loss, grad_position=(0, 1, 2)))(*half, seg_t)
+    finally:
+        ms.set_context(mode=previous)
+    dense = lambda q, k, v, s: _dense(q, k, v, s, 0.25, True)  # noqa: E731
+    want_value, want = ms.value_and_grad(_Loss(dense, weights), grad_position=(0, 1, 2))(
+        *[ops.cast(t, ms.float32) for t in half], seg_t)  # fmt: skip
+    np.testing.assert_allclose(float(value), float(want_value), rtol=2e-3)
+    for name, a, b in zip("qkv", grads, want):
+        assert a.dtype == ms.float16
+        np.testing.assert_allclose(a.asnumpy().astype(np.float32), b.asnumpy(), rtol=2e-2, atol=2e-2, err_msg=name)
+
+
+def test_fused_cpu_attention_falls_back_to_the_blocked_twin(monkeypatch, tmp_path):
+    """No compiler (or `QWENVL_CPU_ATTENTION=blocked`): one warning naming the reason, and the blocked twin; an
+    unknown choice is refused; a head size the library lacks (8) takes the blocked twin too."""
+    from qwenvl.model import cpu_attention
+
+    monkeypatch.setenv("QWENVL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-compiler"))
+    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+    cpu_attention.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+            assert not SegmentAttention(0.25, True).use_fused
+        monkeypatch.setenv("QWENVL_CPU_ATTENTION", "blocked")
+        cpu_attention.library.cache_clear()
+        assert cpu_attention.library() is None
+        monkeypatch.setenv("QWENVL_CPU_ATTENTION", "fast")
+        cpu_attention.library.cache_clear()
+        with pytest.raises(ValueError, match="QWENVL_CPU_ATTENTION='fast'"):
+            cpu_attention.library()
+    finally:
+        cpu_attention.library.cache_clear()
+    assert not cpu_attention.fused_head_dim(8) and cpu_attention.fused_head_dim(128)

@@ -2,8 +2,9 @@
 windows of the vision towers), described by one segment id per position: O(L) inputs, no L x L mask.
 
 Ascend: the fused flash-attention kernel in TND layout, the segments given as cumulative lengths
-(`tnd_lengths`, built on the host). Elsewhere (the CPU twin, what the tests run): the same maths in blocks of
-query rows, the mask of each block built inside the graph from the segment ids, and a hand-written backward
+(`tnd_lengths`, built on the host). CPU: the fused kernel of `cpu_attention` (flash attention's scheme in C++,
+for head sizes it instantiates) when it builds on the host; otherwise (and in the tests that name it) the blocked
+twin here: the same maths in blocks of query rows, the mask of each block built inside the graph from the segment ids, and a hand-written backward
 that recomputes each block's scores and probabilities (as flash attention does): what is kept for the backward
 pass is q, k, v and the output, never a (rows x keys) tensor, so memory grows linearly with the sequence and
 with the number of packed samples. Each block waits for the previous one (`ops.depend`), so one block's
@@ -18,6 +19,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.ops import constexpr
 
+from qwenvl.model.cpu_attention import fused_head_dim, shared_fused_attention
 from qwenvl.model.device import on_ascend
 from qwenvl.model.shared_cells import shared_cell
 from qwenvl.model.tensor_ops import unsqueeze
@@ -240,11 +242,16 @@ class SegmentAttention(nn.Cell):
         self.scale = float(scale)
         self.causal = causal
         self.core = shared_blocked_attention(scale, causal, reach)
+        fused = None if on_ascend() else shared_fused_attention(scale, causal)
+        self.use_fused = fused is not None
+        self.fused = fused if fused is not None else self.core  # (an attribute graph mode can always resolve)
 
     def construct(self, q, k, v, seg, lengths=None, reach=None):
         b, h, length, d = q.shape
         if on_ascend() and lengths is not None and q.dtype != ms.float32:
             return self._flash(q, k, v, lengths).reshape(b, length, h * d)
+        if self.use_fused and fused_head_dim(d):
+            return self.fused(q, k, v, seg)[0].reshape(b, length, h * d)
         out = self.core(q, k, v, seg, reach)
         return swap_middle_axes(out).reshape(b, length, h * d)
 
