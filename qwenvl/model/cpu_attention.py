@@ -100,7 +100,7 @@ def _forward_types(q, k, v, seg, scale):
 
 
 def _backward_shapes(q, k, v, seg, scale, out, dout, lse):
-    return q, q, q
+    return q, k, v
 
 
 def _backward_types(q, k, v, seg, scale, out, dout, lse):
@@ -114,7 +114,8 @@ def _f32(x):
 class FusedSegmentAttention(nn.Cell):
     """(B, H, L, D) queries on (B, Hkv, L, D) keys/values within equal segment ids (B, L), as
     `attention.SegmentAttention`: returns ((B, L, H, D) output in the queries' dtype, (B, H, L) float32
-    log-sum-exp). Computed in float32; the backward pass recomputes the probabilities block by block."""
+    log-sum-exp). Computed in float32; the backward pass recomputes the probabilities block by block and sums each
+    kv head's gradients over its query heads in place."""
 
     def __init__(self, scale: float, causal: bool, path: Path) -> None:
         super().__init__()
@@ -133,17 +134,7 @@ class FusedSegmentAttention(nn.Cell):
         out, lse = result
         dq, dk, dv = self.backward_kernel(_f32(q), _f32(k), _f32(v), ops.cast(seg, ms.int32), self.scale, _f32(out),
                                           _f32(d_result[0]), lse)  # fmt: skip
-        n_rep = q.shape[1] // k.shape[1]
-        return (ops.cast(dq, q.dtype), ops.cast(_sum_groups(dk, n_rep), k.dtype),
-                ops.cast(_sum_groups(dv, n_rep), v.dtype), ops.zeros_like(seg))
-
-
-def _sum_groups(x, n_rep: int):
-    """(B, Hkv*n_rep, L, D) per query head -> (B, Hkv, L, D): each kv head's gradient over its query heads."""
-    if n_rep == 1:
-        return x
-    b, h, length, d = x.shape
-    return x.reshape(b, h // n_rep, n_rep, length, d).sum(2)
+        return ops.cast(dq, q.dtype), ops.cast(dk, k.dtype), ops.cast(dv, v.dtype), ops.zeros_like(seg)
 
 
 def shared_fused_attention(scale: float, causal: bool) -> FusedSegmentAttention | None:
