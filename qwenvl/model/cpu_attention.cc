@@ -359,3 +359,30 @@ ENTRY(attention_forward_causal, (entry<true, false>))
 ENTRY(attention_forward_full, (entry<false, false>))
 ENTRY(attention_backward_causal, (entry<true, true>))
 ENTRY(attention_backward_full, (entry<false, true>))
+
+// Shape and type inference in C++ (MindSpore calls `<kernel>InferShape` / `<kernel>InferType` when the Custom op has
+// no Python infer functions): graphs whose outputs MindSpore types at run time compile their kernels where a Python
+// infer function cannot be called ("The prim is not a PrimitivePy").
+enum TypeId : int {};
+
+static std::vector<std::vector<int64_t>> forward_shapes(int64_t** shapes) {
+  const int64_t* q = shapes[0];
+  return {{q[0], q[2], q[1], q[3]}, {q[0], q[1], q[2]}};  // out (B, L, H, D), lse (B, H, L)
+}
+
+static std::vector<std::vector<int64_t>> backward_shapes(int64_t** shapes) {
+  return {std::vector<int64_t>(shapes[0], shapes[0] + 4), std::vector<int64_t>(shapes[1], shapes[1] + 4),
+          std::vector<int64_t>(shapes[2], shapes[2] + 4)};  // dq like q, dk like k, dv like v
+}
+
+#define INFER(NAME, SHAPES, OUTPUTS)                                                                         \
+  extern "C" std::vector<std::vector<int64_t>> NAME##InferShape(int* ndims, int64_t** shapes, void* extra) { \
+    return SHAPES(shapes);                                                                                   \
+  }                                                                                                          \
+  extern "C" std::vector<TypeId> NAME##InferType(std::vector<TypeId> types, void* extra) {                   \
+    return std::vector<TypeId>(OUTPUTS, types[0]); /* float32, as q */                                       \
+  }
+INFER(attention_forward_causal, forward_shapes, 2)
+INFER(attention_forward_full, forward_shapes, 2)
+INFER(attention_backward_causal, backward_shapes, 3)
+INFER(attention_backward_full, backward_shapes, 3)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
+from mindspore.ops import CustomRegOp, DataType
 
 from qwenvl.model.shared_cells import shared_cell
 
@@ -91,20 +92,17 @@ def fused_head_dim(head_dim: int) -> bool:
     return head_dim in HEAD_DIMS
 
 
-def _forward_shapes(q, k, v, seg, scale):
-    return (q[0], q[2], q[1], q[3]), (q[0], q[1], q[2])
-
-
-def _forward_types(q, k, v, seg, scale):
-    return ms.float32, ms.float32
-
-
-def _backward_shapes(q, k, v, seg, scale, out, dout, lse):
-    return q, k, v
-
-
-def _backward_types(q, k, v, seg, scale, out, dout, lse):
-    return ms.float32, ms.float32, ms.float32
+def _kernel(path: Path, name: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> ops.Custom:
+    """The Custom op of one entry point; its output shapes and types come from the library's C++ infer functions,
+    its output count from the registration (float32 tensors, int32 segment ids)."""
+    registration = CustomRegOp(name)
+    for index, input_name in enumerate(inputs):
+        registration = registration.input(index, input_name)
+    for index, output_name in enumerate(outputs):
+        registration = registration.output(index, output_name)
+    formats = [DataType.I32_Default if n == "seg" else DataType.F32_Default for n in inputs + outputs]
+    info = registration.dtype_format(*formats).target("CPU").get_op_info()
+    return ops.Custom(f"{path}:{name}", out_shape=None, out_dtype=None, func_type="aot", reg_info=info)
 
 
 def _f32(x):
@@ -121,10 +119,15 @@ class FusedSegmentAttention(nn.Cell):
         super().__init__()
         kind = "causal" if causal else "full"
         self.scale = Tensor([scale], ms.float32)
-        self.forward_kernel = ops.Custom(f"{path}:attention_forward_{kind}", out_shape=_forward_shapes,
-                                         out_dtype=_forward_types, func_type="aot")  # fmt: skip
-        self.backward_kernel = ops.Custom(f"{path}:attention_backward_{kind}", out_shape=_backward_shapes,
-                                          out_dtype=_backward_types, func_type="aot")  # fmt: skip
+        self.forward_kernel = _kernel(path, f"attention_forward_{kind}", ("q", "k", "v", "seg", "scale"),
+                                      ("out", "lse"))  # fmt: skip
+        self.backward_kernel = _kernel(path, f"attention_backward_{kind}",
+                                       ("q", "k", "v", "seg", "scale", "out", "dout", "lse"), ("dq", "dk", "dv"))
+
+    def __deepcopy__(self, memo) -> "FusedSegmentAttention":
+        """Itself: one shared, never-changed instance (`shared_cells`), so a copied layer (`layer_by_layer`) keeps
+        it; MindSpore 2.7 cannot copy a Custom primitive (its `__deepcopy__` passes `name`, which it refuses)."""
+        return self
 
     def construct(self, q, k, v, seg):
         out, lse = self.forward_kernel(_f32(q), _f32(k), _f32(v), ops.cast(seg, ms.int32), self.scale)
