@@ -55,19 +55,19 @@ def install(fault: str, output_dir: Path) -> None:
     if kind == "none":
         return
     if kind == "kill-in-write":
-        import safetensors.numpy
+        from qwenvl.model import checkpoint_io
 
-        save_file, step = safetensors.numpy.save_file, params[0]
+        write_file, step = checkpoint_io._write_file, params[0]
 
-        def half_then_die(tensors, path, *args, **kwargs):
-            if Path(path).parent.name == f".tmp-checkpoint-{step}" and "optimizer" in Path(path).name:
-                save_file(tensors, path, *args, **kwargs)
-                data = Path(path).read_bytes()
-                Path(path).write_bytes(data[: len(data) // 2])
+        def half_then_die(target, *args, **kwargs):  # every safetensors file the trainer writes goes through it
+            if target is not None and target.parent.name == f".tmp-checkpoint-{step}" and "optimizer" in target.name:
+                write_file(target, *args, **kwargs)
+                data = target.read_bytes()
+                target.write_bytes(data[: len(data) // 2])
                 _die()
-            return save_file(tensors, path, *args, **kwargs)
+            return write_file(target, *args, **kwargs)
 
-        safetensors.numpy.save_file = half_then_die
+        checkpoint_io._write_file = half_then_die
     elif kind == "kill-in-rotation":
         rmtree = shutil.rmtree
 
