@@ -4,8 +4,8 @@ windows of the vision towers), described by one segment id per position: O(L) in
 Ascend: the fused flash-attention kernel in TND layout, the segments given as cumulative lengths
 (`tnd_lengths`, built on the host). CPU: the fused kernel of `cpu_attention` (flash attention's scheme in C++,
 for head sizes it instantiates) when it builds on the host; otherwise (and in the tests that name it) the blocked
-twin here: the same maths in blocks of query rows, the mask of each block built inside the graph from the segment ids, and a hand-written backward
-that recomputes each block's scores and probabilities (as flash attention does): what is kept for the backward
+twin here: the same maths in blocks of query rows, the mask of each block built inside the graph from the segment
+ids, and a hand-written backward that recomputes each block's scores and probabilities (as flash attention does): what is kept for the backward
 pass is q, k, v and the output, never a (rows x keys) tensor, so memory grows linearly with the sequence and
 with the number of packed samples. Each block waits for the previous one (`ops.depend`), so one block's
 transients are alive at a time; causal blocks stop near their last row. Shorter sequences (unchained blocks)

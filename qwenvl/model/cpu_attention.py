@@ -33,10 +33,8 @@ CHOICE_ENV = "QWENVL_CPU_ATTENTION"  # "fused" (default) or "blocked"
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    found = (shutil.which(name) for name in (os.environ.get("CXX"), "c++", "g++", "clang++") if name)
+    return next((path for path in found if path), None)
 
 
 def _cpu_signature() -> str:
@@ -49,7 +47,7 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(wanted)) or os.uname().machine
 
 
-def build_library(cache: Path | None = None) -> Path:
+def build_library() -> Path:
     """The compiled library, built on first use (a few seconds) and reused. Raises RuntimeError with the
     compiler's message when it cannot be built."""
     compiler = _compiler()
@@ -58,7 +56,7 @@ def build_library(cache: Path | None = None) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in (
         SOURCE.read_bytes(), " ".join(FLAGS), version, _cpu_signature()))).hexdigest()[:16]  # fmt: skip
-    folder = Path(cache or os.environ.get("QWENVL_KERNEL_CACHE") or Path.home() / ".cache/qwenvl-ms/kernels")
+    folder = Path(os.environ.get("QWENVL_KERNEL_CACHE") or Path.home() / ".cache/qwenvl-ms/kernels")
     target = folder / f"cpu_attention-{key}.so"
     if target.exists():
         return target

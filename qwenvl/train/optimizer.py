@@ -215,10 +215,6 @@ class AdamW:
 
     # ----- state ---------------------------------------------------------------------------------
 
-    def _moments(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Slot `index`'s (exp_avg, exp_avg_sq): copies of the host arrays' views, or the kernel's Parameters read."""
-        return self._moment(index, 0), self._moment(index, 1)
-
     def _moment(self, index: int, which: int) -> np.ndarray:
         """Slot `index`'s exp_avg (`which` 0) or exp_avg_sq (1), a fresh array (reading a Parameter copies it)."""
         if index in self._host_index:
