@@ -112,6 +112,8 @@ def worker(model_dir: str, batch_path: str, mode: str, steps: int, out: str) -> 
     sharded = getattr(model, "zero3", None)
     optimizer = build_optimizer(build_param_groups(model, args), args, dp, zero, sharded.specs if sharded else None)
     step = TrainStep(model, optimizer, args)
+    if step.loss_scale:  # from 2**16 the random model's first float16 steps overflow and skip their update
+        step.loss_scale.scale = 1.0
     phases["optimizer_state"] = _peak_mib()
     batch = dict(np.load(batch_path))
     inputs = model.prepare_inputs(batch)
@@ -123,8 +125,10 @@ def worker(model_dir: str, batch_path: str, mode: str, steps: int, out: str) -> 
     times, after_step = [], {}
     for index in range(steps):
         start = time.perf_counter()
-        step.run([inputs], 1.0)
+        metrics = step.run([inputs], 1.0)
         times.append(time.perf_counter() - start)
+        if metrics.skipped:  # its peak would lack the optimizer update
+            raise RuntimeError(f"step {index + 1} was skipped ({metrics.skip_reason}): it measures no update")
         after_step[index + 1] = _peak_mib()
     phases["steps"] = _peak_mib()
     with tempfile.TemporaryDirectory() as folder:

@@ -129,24 +129,32 @@ class Collectives:
                 pieces[i].append(piece)
         return [p[0] if len(p) == 1 else ops.cat(p) for p in pieces]
 
-    def all_gather(self, chunks: Sequence[Tensor], specs: Sequence[ShardSpec]) -> list[Tensor]:
-        """Full tensors (their spec's shape) from every rank's (chunk,) pieces, bucket by bucket as
-        `reduce_scatter` (MindSpore's CPU AllGather, like its AllReduce, touches several times its bytes)."""
+    def all_gather(self, chunks: Sequence[Tensor], specs: Sequence[ShardSpec],
+                   dtypes: Sequence[ms.Type] | None = None) -> Iterator[tuple[int, Tensor]]:  # fmt: skip
+        """(index, full tensor in its spec's shape) for each tensor as soon as it is complete, from every rank's
+        (chunk,) pieces cast to `dtypes[index]`, bucket by bucket as `reduce_scatter`. Only one bucket's gathered
+        rows and the pieces of the tensor cut across buckets live at once, so the caller that writes each tensor
+        where it belongs before taking the next holds no full copy of the model (MindSpore's CPU AllGather, like
+        its AllReduce, touches several times its bytes)."""
+        def piece(i: int, start: int, end: int) -> Tensor:
+            flat = chunks[i].reshape(-1)[start:end]
+            return flat if dtypes is None or flat.dtype == dtypes[i] else ops.cast(flat, dtypes[i])
+
         if self.world == 1:
-            return [c.reshape(s.shape) for c, s in zip(chunks, specs)]
-        pieces: list[list[Tensor]] = [[] for _ in chunks]
+            for i, spec in enumerate(specs):
+                yield i, piece(i, 0, spec.chunk).reshape(spec.shape)
+            return
+        parts: list[Tensor] = []  # the pieces of the tensor being gathered
         for group in column_buckets(specs, self._limit()):
-            mine = ops.cat([chunks[i].reshape(-1)[start:end] for i, start, end in group])
-            rows = ops.AllGather()(mine).reshape(self.world, -1)  # rank-major
+            rows = ops.AllGather()(ops.cat([piece(*cut) for cut in group])).reshape(self.world, -1)  # rank-major
             offset = 0
             for i, start, end in group:
-                pieces[i].append(rows[:, offset : offset + end - start])
+                parts.append(rows[:, offset : offset + end - start])
                 offset += end - start
-        out = []
-        for spec, parts in zip(specs, pieces):
-            full = (parts[0] if len(parts) == 1 else ops.cat(parts, axis=1)).reshape(-1)
-            out.append(full[: spec.numel].reshape(spec.shape))
-        return out
+                if end == specs[i].chunk:
+                    full = (parts[0] if len(parts) == 1 else ops.cat(parts, axis=1)).reshape(-1)
+                    parts = []
+                    yield i, full[: specs[i].numel].reshape(specs[i].shape)
 
     def _limit(self) -> int:
         """Values per bucket: the configured size, at most `CPU_BUCKET_ELEMENTS` off Ascend."""

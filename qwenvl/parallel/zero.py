@@ -190,9 +190,10 @@ class ZeroPartition:
         picked = [i for i in self._to_scatter() if self.slots[i].spec.world > 1]
         if not picked:
             return
-        chunks = [ops.cast(masters[i], self.slots[i].param.dtype) for i in picked]
-        for i, full in zip(picked, self.comm.all_gather(chunks, [self.slots[i].spec for i in picked])):
-            ops.assign(self.slots[i].param, full)
+        gathered = self.comm.all_gather([masters[i] for i in picked], [self.slots[i].spec for i in picked],
+                                        [self.slots[i].param.dtype for i in picked])  # fmt: skip
+        for k, full in gathered:  # each written before the next is gathered: no full copy of the model
+            ops.assign(self.slots[picked[k]].param, full)
 
     def sum_over_ranks(self, value: float) -> float:
         """A per-rank partial sum (e.g. squared gradient norm) totalled over ranks when state is partitioned."""
