@@ -33,7 +33,11 @@ float32 (half-precision models too: `qwenvl.model.layers.activation_dtype`) with
 MindSpore's CPU kernels over the formula, and the float32 working copies of half-precision weights
 (`qwenvl.model.weight_ops.HalfOnCPU`) per parameter of the layers a step runs (layer by layer: of the layers
 outside the decoder and one decoder layer, which one compiled graph runs in turn). The CPU constants come from
-`bench/memory.py` (see `tests/test_estimate_memory.py`); recompute measured no saving on CPU.
+`bench/memory.py` (see `tests/test_estimate_memory.py`); recompute measured no saving on CPU. Also on CPU, the
+optimizer update's transients (`cpu_update`): the numpy AdamW (`qwenvl.train.host_adamw`) of ZeRO chunks and
+small float32 tensors works in three float32 scratch arrays of its largest chunk, and the all-gather that writes
+updated chunks back into replicated weights holds about `CPU_GATHER_COPIES` compute-dtype copies of the largest
+replicated tensor while it is cut across buckets (measured).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ CPU_BASELINE_BYTES = 480 * MiB  # measured: Python + MindSpore import + runtime,
 CPU_ACTIVATION_FACTOR = 1.64  # measured float32 activations of MindSpore's CPU kernels / the formula
 CPU_HALF_COPY_BYTES = 3.0  # fitted: float32 working bytes per half-precision weight element a step runs
 CPU_HALF_GRAD_BYTES = {"whole": 4.0, "chunk": 2.5}  # ... plus, for trainable weights, by gradient layout
+CPU_GATHER_COPIES = 6.0  # measured: the largest replicated tensor's gather raises the peak by ~6 of its sizes
+CPU_HOST_ADAMW_LARGE = 2**18  # `qwenvl.train.optimizer.LARGE_TENSOR`: larger float32 tensors at world 1 take a kernel
 PERSISTENCE_THRESHOLD = 100_000
 
 
@@ -105,10 +111,11 @@ class Estimate:
     workspace: float = 0.0  # one largest-tensor transient (optimizer's scaled gradient, save's host copy)
     runtime: float = 0.0  # process baseline (CPU) / runtime allowance (Ascend)
     cpu_half_copies: float = 0.0
+    cpu_update: float = 0.0  # CPU: host AdamW scratch and the gather of updated chunks (module docstring)
     notes: list[str] = field(default_factory=list)
 
     KINDS = ("weights", "gradients", "optimizer", "activations", "zero3_gathered", "workspace", "cpu_half_copies",
-             "runtime")  # fmt: skip
+             "cpu_update", "runtime")  # fmt: skip
 
     @property
     def total(self) -> float:
@@ -193,6 +200,7 @@ def estimate(config: dict, plan: Plan) -> Estimate:
     groups: dict[str, float] = {}
     whole_grads: dict[str, float] = {}  # per stage (`_stage`): the gradients that exist whole (stages 2-3)
     largest_local = 0.0
+    host_chunk, gathered_whole = 0.0, 0.0  # CPU: the numpy AdamW's largest chunk; the largest all-gathered tensor
     for info, train in zip(tensors, trainable):
         size = info.numel
         sharded = plan.stage == 3 and n > 1 and info.matrix and size >= plan.persistence_threshold
@@ -205,6 +213,7 @@ def estimate(config: dict, plan: Plan) -> Estimate:
             result.gradients += e * size / n * (2 if accumulate else 1)
             result.optimizer += 8 * size / n
             largest_local = max(largest_local, size / n)
+            host_chunk = max(host_chunk, size / n)
             continue
         result.weights += e * size
         if not train:
@@ -219,6 +228,11 @@ def estimate(config: dict, plan: Plan) -> Estimate:
         else:
             result.gradients += e * size + (e * chunk if accumulate else 0)
         largest_local = max(largest_local, size / share)
+        if partitioned:
+            host_chunk = max(host_chunk, size / n)
+            gathered_whole = max(gathered_whole, size)
+        elif e == 4 and size < CPU_HOST_ADAMW_LARGE:
+            host_chunk = max(host_chunk, size)
     result.gradients += max(whole_grads.values(), default=0.0)
     result.zero3_gathered = max(groups.values(), default=0.0)
     largest_whole = max(t.numel for t in base)
@@ -229,6 +243,7 @@ def estimate(config: dict, plan: Plan) -> Estimate:
         result.runtime = CPU_BASELINE_BYTES
         if e != 4:
             result.cpu_half_copies = _cpu_half_copies(tensors, trainable, plan)
+        result.cpu_update = 3 * 4 * host_chunk + CPU_GATHER_COPIES * e * gathered_whole
     else:
         result.runtime = ASCEND_RUNTIME_BYTES
     return result
