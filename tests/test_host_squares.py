@@ -9,7 +9,8 @@ import pytest
 from mindspore import Tensor, ops
 
 from qwenvl.runtime import graph_mode
-from qwenvl.train.host_squares import host_squared_sum, host_view
+from qwenvl.model.host_memory import host_view
+from qwenvl.train.host_squares import host_squared_sum
 from qwenvl.train.train_step import _SquaredSum
 
 

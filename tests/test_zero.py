@@ -130,13 +130,21 @@ def test_every_stage_on_two_workers_equals_one_process(tiny_model_factory, tmp_p
 
     from qwenvl.model import load_model
     from qwenvl.parallel.world import DataParallel
-    from tests.zero_worker import MIXED_RUNS, RUNS, STEPS, train
+    from tests.zero_worker import GATHER_SHAPES, MIXED_RUNS, RUNS, STEPS, gather_chunks, train
 
     tiny = tiny_model_factory("qwen2.5vl")
     out = tmp_path / "out"
     out.mkdir()
     code, logs = run_msrun([str(ROOT / "tests" / "zero_worker.py"), str(tiny), str(out)], tmp_path / "logs", timeout=900)
     assert code == 0, logs
+    # both all-gathers: rank 0's chunk then rank 1's, the padding dropped, in float16
+    ranks = [gather_chunks(rank) for rank in range(2)]
+    for i, shape in enumerate(GATHER_SHAPES):
+        want = np.concatenate([ranks[0][i], ranks[1][i]])[: int(np.prod(shape))].astype(np.float16).reshape(shape)
+        for rank in range(2):
+            got = np.load(out / f"gather-rank{rank}.npz")
+            for way in ("pynative", "host"):
+                np.testing.assert_array_equal(got[f"{way}{i}"], want, err_msg=f"{way} rank {rank} {shape}")
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE)
     try:

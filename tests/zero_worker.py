@@ -5,7 +5,9 @@ optimizer steps on this rank's share of fixed global batches (two micro-batches 
 accumulation and the reduction both happen) and writes `OUT/<run>-rank<r>.npz`: the final weights, whole
 (ZeRO-3 chunks gathered), plus per-step losses and gradient norms; then `stage3_then_stage2`: 3 steps at
 ZeRO-3, a checkpoint, the rest at ZeRO-2 resumed from it. A world of one trains on the whole global
-batches (four micro-batches), which the test compares against.
+batches (four micro-batches), which the test compares against. First, `gather-rank<r>.npz`: float32 chunks
+(`gather_chunks`) all-gathered into float16 tensors by both all-gathers of `Collectives` (the PyNative one Ascend
+runs, the host one CPU training runs), in buckets of 256 values.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import mindspore as ms  # noqa: E402
 
 from qwenvl.data.rope2d import rope_index_fn  # noqa: E402
 from qwenvl.model import load_model, load_weights, save_model  # noqa: E402
+from qwenvl.parallel.collectives import Collectives  # noqa: E402
+from qwenvl.parallel.layout import ShardSpec  # noqa: E402
 from qwenvl.parallel.world import DataParallel, init_distributed  # noqa: E402
 from qwenvl.parallel.zero import DEFAULT_BUCKET_ELEMENTS, ZeroConfig  # noqa: E402
 from qwenvl.parallel.zero3 import align_vision, shard_weights  # noqa: E402
@@ -47,6 +51,8 @@ RUNS = {"stage0": (0, "float32", False), "stage1": (1, "float32", False), "stage
 MIXED_RUNS = {"stage3_mixed", "stage3_layer_by_layer_mixed", "stage2_layer_by_layer_mixed"}
 # runs whose collectives use buckets of 256 values: nearly every tensor is cut into several by columns
 SMALL_BUCKETS = {"stage1", "stage2_layer_by_layer"}
+# tensors all-gathered in buckets of 256 values (128 columns at world 2): whole, cut in several, padded
+GATHER_SHAPES = ((3, 5), (700,), (40, 30), (1,), (2, 64))
 TEXT = (9, 14, 6, 11)  # text tokens of the four samples of a global batch (different supervised counts)
 
 
@@ -81,6 +87,23 @@ def sample(config: dict, step: int, index: int, mixed: bool = False) -> dict:
                                                  vision_start_token_id=start)  # fmt: skip
     pixels = rng.standard_normal((64, 3 * 2 * patch * patch)).astype(np.float32)
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "pixel_values": pixels, "image_grid_thw": grid}
+
+
+def gather_chunks(rank: int) -> list[np.ndarray]:
+    """Rank `rank`'s float32 chunks of GATHER_SHAPES at world 2 (padding included)."""
+    rng = np.random.default_rng(50 + rank)
+    return [rng.normal(0, 1, ShardSpec(shape, 2, rank).chunk).astype(np.float32) for shape in GATHER_SHAPES]
+
+
+def _gather_both_ways(dp: DataParallel) -> dict[str, np.ndarray]:
+    comm = Collectives(dp.world_size, dp.rank, 256)
+    specs = [ShardSpec(shape, dp.world_size, dp.rank) for shape in GATHER_SHAPES]
+    chunks = gather_chunks(dp.rank)
+    tensors = comm.all_gather([ms.Tensor(c) for c in chunks], specs, [ms.float16] * len(specs))
+    out = {f"pynative{i}": full.asnumpy() for i, full in tensors}
+    targets = [np.full(spec.numel, np.nan, np.float16) for spec in specs]
+    comm.all_gather_on_host(chunks, targets, specs)
+    return {**out, **{f"host{i}": t.reshape(spec.shape) for i, (t, spec) in enumerate(zip(targets, specs))}}
 
 
 def _model(model_dir: str, dp: DataParallel, stage: int, dtype: str, layer_by_layer: bool = False,
@@ -143,6 +166,7 @@ def main(model_dir: str, out_dir: str, only: str = "") -> None:
     if dp.world_size != 2:
         raise SystemExit(f"expected a world of 2 under msrun, got {dp.world_size}")
     out = Path(out_dir)
+    np.savez(out / f"gather-rank{dp.rank}.npz", **_gather_both_ways(dp))
     for name, (stage, dtype, layer_by_layer) in RUNS.items():
         if only and name not in only.split(","):
             continue

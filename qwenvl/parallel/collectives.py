@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, ops
 from mindspore.ops import constexpr
 
@@ -155,6 +156,26 @@ class Collectives:
                     full = (parts[0] if len(parts) == 1 else ops.cat(parts, axis=1)).reshape(-1)
                     parts = []
                     yield i, full[: specs[i].numel].reshape(specs[i].shape)
+
+    def all_gather_on_host(self, sources: Sequence[np.ndarray], targets: Sequence[np.ndarray],
+                           specs: Sequence[ShardSpec]) -> None:  # fmt: skip
+        """`all_gather` into host memory, for the CPU backend: `targets[i]` (flat, the tensor's values in its own
+        dtype, e.g. a weight's memory) receives every rank's `sources[i]` (this rank's flat chunk), bucket by
+        bucket. Besides the targets there is one bucket to send and one gathered, of the same size every bucket
+        (MindSpore's pool reuses them): the PyNative pieces, concatenations and copies of `all_gather` grew the pool
+        by ~1.3 bytes per parameter at ZeRO-2, and the next step's by as much again (BENCHMARKS.md)."""
+        for group in column_buckets(specs, self._limit()):
+            send = np.concatenate([sources[i][start:end].astype(targets[i].dtype, copy=False) for i, start, end in group])
+            rows = ops.AllGather()(Tensor.from_numpy(send)).asnumpy().reshape(self.world, -1)  # rank-major
+            offset = 0
+            for i, start, end in group:
+                spec = specs[i]
+                for rank in range(self.world):  # rank r's columns start:end are values r * chunk + start.. of the tensor
+                    first = rank * spec.chunk + start
+                    count = min(end - start, spec.numel - first)
+                    if count > 0:
+                        targets[i][first : first + count] = rows[rank, offset : offset + count]
+                offset += end - start
 
     def _limit(self) -> int:
         """Values per bucket: the configured size, at most `CPU_BUCKET_ELEMENTS` off Ascend."""

@@ -26,6 +26,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
 from qwenvl.errors import FlagError
+from qwenvl.model.device import on_cpu
+from qwenvl.model.host_memory import HostMemory
 from qwenvl.parallel.collectives import Collectives
 from qwenvl.parallel.layout import ShardSpec
 from qwenvl.parallel.world import DataParallel
@@ -110,6 +112,7 @@ class ZeroPartition:
     dp: DataParallel
     config: ZeroConfig
     comm: Collectives = field(init=False)
+    _host_memory: tuple = field(init=False, default=(), repr=False)  # (masters' ids, their and the weights' memory)
 
     def __post_init__(self) -> None:
         self.comm = Collectives(self.dp.world_size, self.dp.rank, self.config.bucket_elements)
@@ -190,8 +193,16 @@ class ZeroPartition:
         picked = [i for i in self._to_scatter() if self.slots[i].spec.world > 1]
         if not picked:
             return
-        gathered = self.comm.all_gather([masters[i] for i in picked], [self.slots[i].spec for i in picked],
-                                        [self.slots[i].param.dtype for i in picked])  # fmt: skip
+        specs = [self.slots[i].spec for i in picked]
+        if on_cpu():  # numpy into the weights' own memory: no PyNative temporaries for the memory pool to keep
+            key = tuple(id(masters[i]) for i in picked)
+            if not self._host_memory or self._host_memory[0] != key:
+                self._host_memory = (key, HostMemory([masters[i] for i in picked]),
+                                     HostMemory([self.slots[i].param for i in picked]))  # fmt: skip
+            sources, targets = (memory.views() for memory in self._host_memory[1:])
+            self.comm.all_gather_on_host(sources, targets, specs)
+            return
+        gathered = self.comm.all_gather([masters[i] for i in picked], specs, [self.slots[i].param.dtype for i in picked])
         for k, full in gathered:  # each written before the next is gathered: no full copy of the model
             ops.assign(self.slots[picked[k]].param, full)
 

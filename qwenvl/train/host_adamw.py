@@ -6,9 +6,8 @@ per step, 2 ms of it kernels), a third of what transformers + torch spends on th
 small tensors are updated a chunk at a time: gradients and weights gathered into flat arrays, updated with torch's
 AdamW maths in a dozen vectorised operations, and the weights written back where they are.
 
-A CPU tensor's device memory is host memory, so numpy reads and writes it in place (`host_squares.host_view`).
-A Parameter has that memory only once a graph has taken it as an input, and loses it to `set_data`; `_Prepare`, a
-compiled graph over these Parameters, gives each one its memory before every update. The gradients are only read,
+A CPU tensor's device memory is host memory, so numpy reads and writes it in place (`qwenvl.model.host_memory`,
+whose compiled graph gives each Parameter its memory before every update). The gradients are only read,
 so they are copied (`asnumpy`: small tensors), whatever made them. The moments are numpy arrays this class owns
 (one flat array each). The tensors are float32 masters: weights that are their own (float32 on one rank, ZeRO-3
 chunks), or a ZeRO rank's chunks of replicated weights, which `gather_parameters` all-gathers; every rank and a
@@ -25,24 +24,12 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-import mindspore as ms
 import numpy as np
-from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import Parameter, Tensor
 
-from qwenvl.train.host_squares import host_view
+from qwenvl.model.host_memory import HostMemory
 
 CHUNK = 2**18  # elements updated together: bounds the scratch arrays; numpy's per-call cost is negligible at this size
-
-
-class _Prepare(nn.Cell):
-    """A graph over the Parameters: running it gives each one its device memory (the graph prepares its inputs)."""
-
-    def __init__(self, params: Sequence[Parameter]) -> None:
-        super().__init__(auto_prefix=False)
-        self.params = ParameterTuple(params)
-
-    def construct(self):
-        return ops.depend(ops.zeros((), ms.float32), self.params)
 
 
 class _Chunk(NamedTuple):
@@ -95,7 +82,7 @@ class HostAdamW:
         self._grad, self._weight, self._work = (np.empty(scratch, np.float32) for _ in range(3))
         self.beta1, self.beta2 = np.float32(betas[0]), np.float32(betas[1])
         self.eps = np.float32(eps)
-        self._prepare = ms.jit(_Prepare(self.params).construct) if self.params else None
+        self._memory = HostMemory(self.params)
 
     def moments(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of tensor `index`'s (exp_avg, exp_avg_sq), flat."""
@@ -107,14 +94,14 @@ class HostAdamW:
         """One update from `grads` (in the parameters' order, float32 or float16) times `coef`."""
         if not self.params:
             return
-        self._prepare()
+        memory = self._memory.views()
         for part in self.chunks:
             size = part.stop - part.start
             grad, weight, work = self._grad[:size], self._weight[:size], self._work[:size]
             exp_avg, exp_avg_sq = self.exp_avg[part.start:part.stop], self.exp_avg_sq[part.start:part.stop]
             # read only, so copied whatever made them (small tensors); float16 at ZeRO-3 with half-precision compute
             np.concatenate([grads[i].asnumpy().reshape(-1) for i in part.members], out=grad)
-            views = [host_view(self.params[i]) for i in part.members]
+            views = [memory[i] for i in part.members]
             np.concatenate(views, out=weight)
             if coef != 1.0:
                 grad *= np.float32(coef)

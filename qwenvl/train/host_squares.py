@@ -9,30 +9,13 @@ copy as large as the tensor with it. Other devices keep the compiled graph (thei
 
 from __future__ import annotations
 
-import ctypes
 from typing import Sequence
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-
-_NUMPY = {ms.float32: np.dtype(np.float32), ms.float16: np.dtype(np.float16), ms.float64: np.dtype(np.float64)}
-
-
-def host_view(tensor: Tensor) -> np.ndarray:
-    """The flat contents of a CPU tensor as a numpy array over the same memory (read it before the tensor changes).
-
-    A view (a slice or split piece, as the ZeRO collectives hand out) starts `storage_offset()` elements into the
-    memory `data_ptr()` points at; a strided view is copied."""
-    dtype = _NUMPY[tensor.dtype]
-    size = int(tensor.size)
-    if size == 0:
-        return np.zeros(0, dtype)
-    if not tensor.is_contiguous():
-        return tensor.asnumpy().reshape(-1)
-    address = tensor.data_ptr() + int(tensor.storage_offset()) * dtype.itemsize
-    return np.frombuffer((ctypes.c_char * (size * dtype.itemsize)).from_address(address), dtype=dtype)
+from qwenvl.model.host_memory import host_view
 
 
 def host_squared_sum(tensors: Sequence[Tensor]) -> float:
