@@ -34,10 +34,9 @@ MindSpore's CPU kernels over the formula, and the float32 working copies of half
 (`qwenvl.model.weight_ops.HalfOnCPU`) per parameter of the layers a step runs (layer by layer: of the layers
 outside the decoder and one decoder layer, which one compiled graph runs in turn). The CPU constants come from
 `bench/memory.py` (see `tests/test_estimate_memory.py`); recompute measured no saving on CPU. Also on CPU, the
-optimizer update's transients (`cpu_update`): the numpy AdamW (`qwenvl.train.host_adamw`) of ZeRO chunks and
-small float32 tensors works in three float32 scratch arrays of its largest chunk, and the all-gather that writes
-updated chunks back into replicated weights holds about `CPU_GATHER_COPIES` compute-dtype copies of the largest
-replicated tensor while it is cut across buckets (measured).
+optimizer update's work space (`cpu_update`): the numpy AdamW (`qwenvl.train.host_adamw`) of ZeRO chunks and
+small float32 tensors works in three float32 scratch arrays of its largest chunk (the all-gather that writes the
+updated chunks back holds one bucket: `collectives.Collectives.all_gather_on_host`).
 """
 
 from __future__ import annotations
@@ -54,9 +53,8 @@ DEVICES = ("ascend", "cpu")
 ASCEND_RUNTIME_BYTES = 3 * GiB  # allowance: CANN runtime, HCCL buffers (HCCL_BUFFSIZE), kernel workspace
 CPU_BASELINE_BYTES = 480 * MiB  # measured: Python + MindSpore import + runtime, before any weight
 CPU_ACTIVATION_FACTOR = 1.64  # measured float32 activations of MindSpore's CPU kernels / the formula
-CPU_HALF_COPY_BYTES = 3.0  # fitted: float32 working bytes per half-precision weight element a step runs
+CPU_HALF_COPY_BYTES = 2.0  # fitted (runs J-L): float32 working bytes per half-precision weight element a step runs
 CPU_HALF_GRAD_BYTES = {"whole": 4.0, "chunk": 2.5}  # ... plus, for trainable weights, by gradient layout
-CPU_GATHER_COPIES = 6.0  # measured: the largest replicated tensor's gather raises the peak by ~6 of its sizes
 CPU_HOST_ADAMW_LARGE = 2**18  # `qwenvl.train.optimizer.LARGE_TENSOR`: larger float32 tensors at world 1 take a kernel
 PERSISTENCE_THRESHOLD = 100_000
 
@@ -111,7 +109,7 @@ class Estimate:
     workspace: float = 0.0  # one largest-tensor transient (optimizer's scaled gradient, save's host copy)
     runtime: float = 0.0  # process baseline (CPU) / runtime allowance (Ascend)
     cpu_half_copies: float = 0.0
-    cpu_update: float = 0.0  # CPU: host AdamW scratch and the gather of updated chunks (module docstring)
+    cpu_update: float = 0.0  # CPU: the host AdamW's scratch arrays (module docstring)
     notes: list[str] = field(default_factory=list)
 
     KINDS = ("weights", "gradients", "optimizer", "activations", "zero3_gathered", "workspace", "cpu_half_copies",
@@ -200,7 +198,7 @@ def estimate(config: dict, plan: Plan) -> Estimate:
     groups: dict[str, float] = {}
     whole_grads: dict[str, float] = {}  # per stage (`_stage`): the gradients that exist whole (stages 2-3)
     largest_local = 0.0
-    host_chunk, gathered_whole = 0.0, 0.0  # CPU: the numpy AdamW's largest chunk; the largest all-gathered tensor
+    host_chunk = 0.0  # CPU: the numpy AdamW's largest chunk
     for info, train in zip(tensors, trainable):
         size = info.numel
         sharded = plan.stage == 3 and n > 1 and info.matrix and size >= plan.persistence_threshold
@@ -230,7 +228,6 @@ def estimate(config: dict, plan: Plan) -> Estimate:
         largest_local = max(largest_local, size / share)
         if partitioned:
             host_chunk = max(host_chunk, size / n)
-            gathered_whole = max(gathered_whole, size)
         elif e == 4 and size < CPU_HOST_ADAMW_LARGE:
             host_chunk = max(host_chunk, size)
     result.gradients += max(whole_grads.values(), default=0.0)
@@ -243,7 +240,7 @@ def estimate(config: dict, plan: Plan) -> Estimate:
         result.runtime = CPU_BASELINE_BYTES
         if e != 4:
             result.cpu_half_copies = _cpu_half_copies(tensors, trainable, plan)
-        result.cpu_update = 3 * 4 * host_chunk + CPU_GATHER_COPIES * e * gathered_whole
+        result.cpu_update = 3 * 4 * host_chunk
     else:
         result.runtime = ASCEND_RUNTIME_BYTES
     return result
