@@ -31,12 +31,12 @@ MEASURED = {
     ("zero3_fp16", "mem109m"): 2037, ("zero3_fp16", "mem136m"): 2280, ("zero3_fp16", "mem163m"): 2539,
     ("lora_fp16", "mem109m"): 1034, ("lora_fp16", "mem136m"): 1182, ("lora_fp16", "mem163m"): 1334,
 }  # fmt: skip
-# The same modes with `--layer_by_layer --steps 3`: fp32 run I (52907e0), ZeRO-3 and LoRA run J (52907e0 with the
-# bench's float16 fix), ZeRO-2 run M (e212c9c, the host gather).
+# The same modes with `--layer_by_layer --steps 3`: fp32 run I (52907e0), LoRA run J (52907e0 with the bench's
+# float16 fix), ZeRO-2 and ZeRO-3 runs M and N (e212c9c, the host gather).
 MEASURED_LAYER_BY_LAYER = {
     ("fp32", "mem109m"): 2262, ("fp32", "mem136m"): 2694, ("fp32", "mem163m"): 3136,
     ("zero2_fp16", "mem109m"): 2278, ("zero2_fp16", "mem136m"): 2524, ("zero2_fp16", "mem163m"): 2761,
-    ("zero3_fp16", "mem109m"): 2127, ("zero3_fp16", "mem136m"): 2242, ("zero3_fp16", "mem163m"): 2470,
+    ("zero3_fp16", "mem109m"): 2129, ("zero3_fp16", "mem136m"): 2282, ("zero3_fp16", "mem163m"): 2470,
     ("lora_fp16", "mem109m"): 1016, ("lora_fp16", "mem136m"): 1074, ("lora_fp16", "mem163m"): 1136,
 }  # fmt: skip
 MODES = {  # bench/memory.py MODES
