@@ -141,10 +141,6 @@ class Collectives:
             flat = chunks[i].reshape(-1)[start:end]
             return flat if dtypes is None or flat.dtype == dtypes[i] else ops.cast(flat, dtypes[i])
 
-        if self.world == 1:
-            for i, spec in enumerate(specs):
-                yield i, piece(i, 0, spec.chunk).reshape(spec.shape)
-            return
         parts: list[Tensor] = []  # the pieces of the tensor being gathered
         for group in column_buckets(specs, self._limit()):
             rows = ops.AllGather()(ops.cat([piece(*cut) for cut in group])).reshape(self.world, -1)  # rank-major
